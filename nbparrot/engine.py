@@ -1,0 +1,455 @@
+"""The batch engine: send every row's request once, paced, retried, and accounted for.
+
+In: the shared request parameters and one message list per row (``None`` for a row that is
+skipped). Out: exactly one ``Outcome`` per row, in input order — answered, failed (with the
+reason and the number of attempts) or cancelled — and live counters in ``Progress`` that a
+panel or progress line reads.
+
+How it schedules: a single dispatcher coroutine takes rows from the head of a queue, asks
+the ``Pacer`` how long the next one must wait for the RPM/TPM budget, and starts one task
+per attempt while fewer than ``concurrency`` are in flight. A slow request never holds back
+the others (no chunked ``gather``), a row waiting for a retry does not hold a slot, and a
+429 pauses the dispatcher, not each request on its own. The first row goes alone: the
+fan-out starts only once the endpoint has accepted the key and the model, so a bad key or a
+misspelt model costs one request, not thousands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from .config import Endpoint
+from .errors import (
+    AuthenticationError,
+    EndpointUnreachableError,
+    FatalError,
+    ModelNotFoundError,
+    PermissionDeniedError,
+    QuotaExceededError,
+    redact,
+)
+from .ratelimit import Pacer, retry_after_seconds
+from .tokens import estimate_prompt_tokens
+from .transport import TRANSIENT_ERRORS, Transport
+
+__all__ = ["Engine", "EngineSettings", "Outcome", "Progress", "PENDING", "OK", "FAILED", "CANCELLED", "SKIPPED"]
+
+PENDING, OK, FAILED, CANCELLED, SKIPPED = "pending", "ok", "failed", "cancelled", "skipped"
+
+_RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+
+
+class Outcome:
+    """What happened to one row: its answer or its error, and what it cost."""
+
+    __slots__ = ("status", "content", "finish_reason", "error", "attempts",
+                 "prompt_tokens", "completion_tokens", "latency", "cached")
+
+    def __init__(self) -> None:
+        self.status = PENDING
+        self.content: Any = None  # str, or a list of str when n > 1
+        self.finish_reason: Any = None
+        self.error: str | None = None
+        self.attempts = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.latency: float | None = None
+        self.cached = False
+
+    def __repr__(self) -> str:
+        detail = repr(self.content)[:60] if self.status == OK else self.error
+        return f"<Outcome {self.status} attempts={self.attempts} {detail}>"
+
+
+class Progress:
+    """Live counters of a run, updated in place by the engine (cheap to read at 10 Hz).
+
+    Listeners registered with ``subscribe`` get ``(event, row)`` calls for "sent", "retry",
+    "done", "failed", "rate_limited" and "finished"; with no listener nothing is called.
+    """
+
+    __slots__ = ("total", "queued", "in_flight", "retrying", "done", "failed", "cancelled", "skipped",
+                 "cached", "requests", "rate_limited", "prompt_tokens", "completion_tokens",
+                 "latency_total", "started", "finished", "last_error", "sent_at", "limits", "_listeners")
+
+    def __init__(self, total: int = 0):
+        self.total = total
+        self.queued = total
+        self.in_flight = self.retrying = self.done = self.failed = self.cancelled = self.skipped = 0
+        self.cached = self.requests = self.rate_limited = 0
+        self.prompt_tokens = self.completion_tokens = 0
+        self.latency_total = 0.0
+        self.started: float | None = None
+        self.finished: float | None = None
+        self.last_error: str | None = None
+        self.sent_at: dict[int, float] = {}  # row -> loop time of its in-flight attempt
+        self.limits: Callable[[], dict] | None = None
+        self._listeners: list[Callable[[str, int], None]] = []
+
+    def subscribe(self, listener: Callable[[str, int], None]) -> None:
+        self._listeners.append(listener)
+
+    def emit(self, event: str, row: int) -> None:
+        for listener in self._listeners:
+            listener(event, row)
+
+    @property
+    def settled(self) -> int:
+        return self.done + self.failed + self.cancelled + self.skipped
+
+
+@dataclass
+class EngineSettings:
+    """How hard to push: concurrency, retries, timeouts and optional fixed limits."""
+
+    concurrency: int = 128
+    max_retries: int = 5  # retries after a retryable error (429 waits are counted apart)
+    timeout: float = 120.0  # seconds per attempt
+    backoff_base: float = 1.0  # full-jitter backoff: uniform(0, min(cap, base * 2**k))
+    backoff_cap: float = 30.0
+    rpm: float | None = None  # fixed limits; None = learn them from the headers
+    tpm: float | None = None
+    max_rate_limit_waits: int = 50  # 429s one row may wait through before it is failed
+
+
+class Engine:
+    """Runs one batch of chat-completion requests; see the module docstring for the design."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        params: Mapping[str, Any],
+        prompts: Sequence[list | None],
+        settings: EngineSettings | None = None,
+        *,
+        progress: Progress | None = None,
+        skip_reasons: Mapping[int, str] | None = None,
+    ):
+        self.endpoint = endpoint
+        self.settings = settings or EngineSettings()
+        self.params = dict(params)
+        self.prompts = prompts
+        self.outcomes = [Outcome() for _ in range(len(prompts))]
+        self.progress = progress or Progress(len(prompts))
+        self.pacer = Pacer(self.settings.rpm, self.settings.tpm)
+        self.progress.limits = self.pacer.limits
+        self.fatal: FatalError | None = None
+        self._skip_reasons = skip_reasons or {}
+        self._n = int(self.params.get("n") or 1)
+        self._reply_tokens = self._n * int(self.params.get("max_tokens") or self.params.get("max_completion_tokens") or 0)
+        self._prefix = self._encode_prefix()
+        self._pending: deque[int] = deque()
+        self._tasks: set[asyncio.Task] = set()
+        self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._failures: dict[int, int] = {}  # row -> retryable errors so far
+        self._waits: dict[int, int] = {}  # row -> 429 waits so far
+        self._limit = 1  # concurrency in force: 1 until the endpoint has accepted us
+        self._opened = False
+        self._heard = False  # any HTTP answer at all
+        self._in_flight = 0
+        self._unsettled = 0
+        self._streak = 0  # consecutive 429s without retry-after
+        self._waiter: asyncio.Future | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._transport: Transport | None = None
+
+    # ---- public -------------------------------------------------------------------------
+
+    async def run(self) -> list[Outcome]:
+        """Send every row; returns the outcomes (also on cancel, where unfinished rows say so)."""
+        loop = self._loop = asyncio.get_running_loop()
+        progress = self.progress
+        progress.started = loop.time()
+        for i, prompt in enumerate(self.prompts):
+            if prompt is None:
+                self._settle_skipped(i)
+            else:
+                self._pending.append(i)
+        self._unsettled = len(self._pending)
+        try:
+            async with Transport(self.endpoint, concurrency=self.settings.concurrency,
+                                 timeout=self.settings.timeout) as transport:
+                self._transport = transport
+                await self._dispatch()
+        finally:
+            await self._stop()
+            progress.finished = loop.time()
+            progress.emit("finished", -1)
+        return self.outcomes
+
+    def cost(self, row: int) -> int:
+        """Tokens a row's request is budgeted at: prompt estimate + n x max_tokens."""
+        return estimate_prompt_tokens(self.prompts[row]) + self._reply_tokens
+
+    # ---- dispatch -----------------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        loop, pacer, pending = self._loop, self.pacer, self._pending
+        while self._unsettled and self.fatal is None:
+            if not pending or self._in_flight >= self._limit:
+                await self._wait()
+                continue
+            row = pending[0]
+            cost = self.cost(row)
+            if pacer.too_large(cost):
+                pending.popleft()
+                self._fail(row, f"request needs about {cost} tokens, more than the whole "
+                                f"tokens-per-minute limit ({pacer.tokens.limit:.0f}); shorten the prompt or max_tokens")
+                continue
+            delay = pacer.delay(cost, loop.time())
+            if delay > 0:
+                await self._wait(delay)
+                continue
+            pending.popleft()
+            mark = pacer.take(cost, loop.time())
+            self._in_flight += 1
+            task = loop.create_task(self._attempt(row, mark))
+            self._tasks.add(task)
+            task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self._in_flight -= 1
+        self._notify()
+
+    async def _wait(self, delay: float | None = None) -> None:
+        """Sleep until something changes (a slot frees, a row is requeued) or ``delay`` passes."""
+        loop = self._loop
+        fut = self._waiter = loop.create_future()
+        timer = loop.call_later(delay, self._notify) if delay is not None else None
+        try:
+            await fut
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def _notify(self) -> None:
+        fut = self._waiter
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def _stop(self) -> None:
+        """Cancel what is in flight or waiting; mark every unfinished row (nothing left pending)."""
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        reason = f"not sent: the run stopped ({self.fatal})" if self.fatal else "cancelled before an answer arrived"
+        progress = self.progress
+        progress.retrying = 0
+        for outcome in self.outcomes:
+            if outcome.status == PENDING:
+                outcome.status = CANCELLED
+                outcome.error = reason
+                progress.cancelled += 1
+        progress.queued = 0
+        progress.in_flight = 0
+        progress.sent_at.clear()
+
+    # ---- one attempt --------------------------------------------------------------------
+
+    async def _attempt(self, row: int, mark: tuple[float, float, float]) -> None:
+        loop, progress = self._loop, self.progress
+        outcome = self.outcomes[row]
+        if outcome.attempts == 0:
+            progress.queued -= 1
+        outcome.attempts += 1
+        progress.requests += 1
+        progress.in_flight += 1
+        sent = progress.sent_at[row] = loop.time()
+        if progress._listeners:
+            progress.emit("sent", row)
+        body = b"".join((self._prefix, json.dumps(self.prompts[row]).encode(), b"}"))
+        try:
+            status, headers, raw = await self._transport.post(body)
+        except TRANSIENT_ERRORS as exc:
+            self._retry(row, _describe(exc))
+            return
+        finally:
+            progress.in_flight -= 1
+            progress.sent_at.pop(row, None)
+        now = loop.time()
+        self._heard = True
+        self.pacer.observe(headers, mark, now)
+        if status == 200:
+            try:
+                self._answer(row, json.loads(raw), now - sent)
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+                self._retry(row, f"unreadable answer from the endpoint: {raw[:200]!r}")
+            return
+        self._error(row, status, headers, raw)
+
+    def _answer(self, row: int, data: dict, latency: float) -> None:
+        choices = data["choices"]
+        if self._n == 1:
+            choice = choices[0]
+            content, finish = choice["message"]["content"], choice.get("finish_reason")
+        else:
+            choices = sorted(choices, key=lambda c: c.get("index", 0))
+            content = [c["message"]["content"] for c in choices]
+            finish = [c.get("finish_reason") for c in choices]
+        usage = data.get("usage") or {}
+        outcome = self.outcomes[row]
+        outcome.content, outcome.finish_reason, outcome.latency = content, finish, latency
+        outcome.prompt_tokens = usage.get("prompt_tokens") or 0
+        outcome.completion_tokens = usage.get("completion_tokens") or 0
+        outcome.status = OK
+        outcome.error = None
+        self._open()
+        self._streak = 0
+        progress = self.progress
+        progress.done += 1
+        progress.prompt_tokens += outcome.prompt_tokens
+        progress.completion_tokens += outcome.completion_tokens
+        progress.latency_total += latency
+        self._settled()
+        if progress._listeners:
+            progress.emit("done", row)
+
+    def _error(self, row: int, status: int, headers: Mapping[str, str], raw: bytes) -> None:
+        message, code, kind = _error_fields(raw, self.endpoint.api_key)
+        where = f"{status} from {self.endpoint.base_url}"
+        if status == 429 and code == "insufficient_quota" or kind == "insufficient_quota":
+            return self._stop_run(QuotaExceededError(f"{where}: no quota left ({message})", status=status, code=code))
+        if status == 401:
+            return self._stop_run(AuthenticationError(f"{where}: the API key was refused ({message})", status=status, code=code))
+        if status == 403:
+            return self._stop_run(PermissionDeniedError(f"{where}: permission denied ({message})", status=status, code=code))
+        if status == 404:
+            hint = message or f"check base_url: {self.endpoint.chat_url} was not found"
+            return self._stop_run(ModelNotFoundError(f"{where}: {hint}", status=status, code=code))
+        if status == 429:
+            if "too large" in message.lower():
+                return self._fail(row, f"429 request too large: {message}")
+            self._open()
+            return self._rate_limited(row, retry_after_seconds(headers, message))
+        if status == 400 and "max_tokens" in self.params and "max_completion_tokens" in message:
+            # Newer OpenAI models refuse max_tokens; switch the whole run once and resend.
+            self.params["max_completion_tokens"] = self.params.pop("max_tokens")
+            self._prefix = self._encode_prefix()
+            self._requeue(row)
+            return None
+        if status in _RETRY_STATUS or status >= 500:
+            return self._retry(row, f"{status} {message or 'server error'}".strip())
+        self._open()  # the endpoint took the key and the model: this row's request is at fault
+        return self._fail(row, f"{status} {code + ': ' if code else ''}{message}".strip())
+
+    # ---- row bookkeeping ----------------------------------------------------------------
+
+    def _open(self) -> None:
+        """The endpoint accepted key and model: lift the one-at-a-time probe."""
+        if not self._opened:
+            self._opened = True
+            self._limit = max(1, self.settings.concurrency)
+            self._notify()
+
+    def _retry(self, row: int, reason: str) -> None:
+        failures = self._failures[row] = self._failures.get(row, 0) + 1
+        self.progress.last_error = reason
+        if failures > self.settings.max_retries:
+            if not self._heard and not self._opened:
+                return self._stop_run(EndpointUnreachableError(
+                    f"could not reach {self.endpoint.base_url} ({reason}); is the server running and base_url right?"))
+            return self._fail(row, reason)
+        s = self.settings
+        delay = random.uniform(0, min(s.backoff_cap, s.backoff_base * 2 ** (failures - 1)))
+        self._park(row, delay)
+        return None
+
+    def _rate_limited(self, row: int, retry_after: float | None) -> None:
+        progress = self.progress
+        progress.rate_limited += 1
+        waits = self._waits[row] = self._waits.get(row, 0) + 1
+        if waits > self.settings.max_rate_limit_waits:
+            return self._fail(row, f"still rate limited (429) after {waits - 1} waits")
+        if retry_after is None:  # no hint: back off globally, growing with consecutive 429s
+            self._streak += 1
+            s = self.settings
+            retry_after = random.uniform(0.5, 1.0) * min(s.backoff_cap, s.backoff_base * 2 ** min(self._streak, 10))
+        self.pacer.backoff(retry_after, self._loop.time())
+        self._requeue(row)
+        if progress._listeners:
+            progress.emit("rate_limited", row)
+        return None
+
+    def _park(self, row: int, delay: float) -> None:
+        """Put a row aside for ``delay`` seconds without holding a concurrency slot."""
+        self.progress.retrying += 1
+        self._timers[row] = self._loop.call_later(delay, self._unpark, row)
+        if self.progress._listeners:
+            self.progress.emit("retry", row)
+
+    def _unpark(self, row: int) -> None:
+        del self._timers[row]
+        self.progress.retrying -= 1
+        self._requeue(row)
+
+    def _requeue(self, row: int) -> None:
+        self._pending.appendleft(row)
+        self._notify()
+
+    def _fail(self, row: int, reason: str) -> None:
+        outcome = self.outcomes[row]
+        outcome.status, outcome.error = FAILED, reason
+        if outcome.attempts == 0:
+            self.progress.queued -= 1
+        self.progress.failed += 1
+        self.progress.last_error = reason
+        self._settled()
+        if self.progress._listeners:
+            self.progress.emit("failed", row)
+
+    def _settle_skipped(self, row: int) -> None:
+        outcome = self.outcomes[row]
+        outcome.status = SKIPPED
+        outcome.error = self._skip_reasons.get(row, "skipped")
+        self.progress.skipped += 1
+        self.progress.queued -= 1
+
+    def _settled(self) -> None:
+        self._unsettled -= 1
+        if not self._unsettled:
+            self._notify()
+
+    def _stop_run(self, error: FatalError) -> None:
+        if self.fatal is None:
+            self.fatal = error
+            self.progress.last_error = str(error)
+            self._notify()
+
+    def _encode_prefix(self) -> bytes:
+        """The shared part of every body, encoded once: ``{...params, "messages": ``."""
+        return json.dumps(self.params)[:-1].encode() + (b', "messages": ' if self.params else b'"messages": ')
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out waiting for the answer"
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
+
+
+def _error_fields(raw: bytes, secret: str | None) -> tuple[str, str | None, str | None]:
+    """Message, code and type of an OpenAI-style error body (or its text), with keys redacted."""
+    try:
+        error = json.loads(raw).get("error")
+        if isinstance(error, dict):
+            return redact(str(error.get("message") or ""), secret), error.get("code"), error.get("type")
+        if isinstance(error, str):
+            return redact(error, secret), None, None
+    except (ValueError, AttributeError):
+        pass
+    text = raw[:300].decode("utf-8", "replace").strip()
+    if text.lstrip().startswith("<"):  # an HTML error page from a proxy
+        text = "non-JSON error page"
+    return redact(text, secret), None, None

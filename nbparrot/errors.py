@@ -1,0 +1,93 @@
+"""One exception hierarchy for everything nbparrot raises.
+
+Row-level failures are never raised: they are recorded on the row (see ``results``).
+What is raised is either a mistake we can name before any paid call (``ConfigError``,
+``TemplateError``), or a fatal answer from the endpoint that makes every further request
+pointless (``FatalError`` and its subclasses), or a question about an unfinished run.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = [
+    "NbparrotError",
+    "ConfigError",
+    "TemplateError",
+    "FatalError",
+    "AuthenticationError",
+    "PermissionDeniedError",
+    "ModelNotFoundError",
+    "QuotaExceededError",
+    "EndpointUnreachableError",
+    "BudgetExceededError",
+    "RunNotFinishedError",
+    "RunCancelledError",
+    "redact",
+]
+
+
+class NbparrotError(Exception):
+    """Base class of every error nbparrot raises."""
+
+
+class ConfigError(NbparrotError, ValueError):
+    """A bad argument or setting, found before any request was sent."""
+
+
+class TemplateError(NbparrotError, ValueError):
+    """A template that cannot be rendered against the data (found before any request)."""
+
+
+class FatalError(NbparrotError):
+    """The endpoint gave an answer that stops the whole run (bad key, unknown model, no quota).
+
+    ``status`` is the HTTP status, ``code`` the provider's error code when it gave one.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class AuthenticationError(FatalError):
+    """401: the API key was refused."""
+
+
+class PermissionDeniedError(FatalError):
+    """403: the key may not use this endpoint or model."""
+
+
+class ModelNotFoundError(FatalError):
+    """404: the endpoint does not know the model (or the URL is wrong)."""
+
+
+class QuotaExceededError(FatalError):
+    """429 ``insufficient_quota``: the account has no credit left; retrying cannot help."""
+
+
+class EndpointUnreachableError(FatalError):
+    """Nothing answered at all: the server is down or ``base_url`` is wrong."""
+
+
+class BudgetExceededError(NbparrotError):
+    """The run stopped because the next requests would have passed ``max_cost``."""
+
+
+class RunNotFinishedError(NbparrotError):
+    """``result()`` was asked of a run that is still going: ``await`` it instead."""
+
+
+class RunCancelledError(NbparrotError):
+    """Raised by ``Run.result(strict=True)`` for a cancelled run."""
+
+
+_KEY_PATTERN = re.compile(r"\b(sk-[A-Za-z0-9_\-]{4})[A-Za-z0-9_\-]{8,}")
+
+
+def redact(text: str, secret: str | None = None) -> str:
+    """Remove an API key (the given one, and anything shaped like ``sk-...``) from ``text``."""
+    if secret and len(secret) >= 4 and secret in text:
+        text = text.replace(secret, "***")
+    return _KEY_PATTERN.sub(r"\1***", text)

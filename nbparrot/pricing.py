@@ -1,0 +1,65 @@
+"""Prices per million tokens, so cost is visible before, during and after a run.
+
+The table holds OpenAI's list prices (USD per 1M tokens: input, cached input, output) as
+published when this version was made; ``set_price`` adds or overrides a model (a gateway's
+or a fine-tune's). The Batch API costs half. A model missing from the table has an
+*unknown* cost (None), never zero.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+__all__ = ["Price", "PRICES", "BATCH_DISCOUNT", "price_of", "set_price", "cost_of"]
+
+
+class Price(NamedTuple):
+    """USD per 1M tokens."""
+
+    input: float
+    cached_input: float
+    output: float
+
+
+PRICES: dict[str, Price] = {
+    "gpt-5": Price(1.25, 0.125, 10.00),
+    "gpt-5-mini": Price(0.25, 0.025, 2.00),
+    "gpt-5-nano": Price(0.05, 0.005, 0.40),
+    "gpt-4.1": Price(2.00, 0.50, 8.00),
+    "gpt-4.1-mini": Price(0.40, 0.10, 1.60),
+    "gpt-4.1-nano": Price(0.10, 0.025, 0.40),
+    "gpt-4o": Price(2.50, 1.25, 10.00),
+    "gpt-4o-mini": Price(0.15, 0.075, 0.60),
+    "o3": Price(2.00, 0.50, 8.00),
+    "o4-mini": Price(1.10, 0.275, 4.40),
+    "o3-mini": Price(1.10, 0.55, 4.40),
+    "gpt-3.5-turbo": Price(0.50, 0.50, 1.50),
+}
+
+BATCH_DISCOUNT = 0.5
+_SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{4})$")
+
+
+def set_price(model: str, input: float, output: float, cached_input: float | None = None) -> None:
+    """Add or override a model's price (USD per 1M tokens)."""
+    PRICES[model] = Price(float(input), float(input if cached_input is None else cached_input), float(output))
+
+
+def price_of(model: str) -> Price | None:
+    """The model's price; a dated snapshot ("gpt-4o-mini-2024-07-18") falls back to its family."""
+    price = PRICES.get(model)
+    if price is None:
+        price = PRICES.get(_SNAPSHOT.sub("", model))
+    return price
+
+
+def cost_of(model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+            *, batch: bool = False) -> float | None:
+    """USD for these tokens on ``model``, or None when the price is unknown."""
+    price = price_of(model)
+    if price is None:
+        return None
+    usd = ((prompt_tokens - cached_tokens) * price.input + cached_tokens * price.cached_input
+           + completion_tokens * price.output) / 1e6
+    return usd * BATCH_DISCOUNT if batch else usd

@@ -1,0 +1,274 @@
+"""``Run``: the handle of one batch, in a notebook or in a script.
+
+Inside a running event loop (a Jupyter kernel runs every cell inside one) the batch starts
+as a task on that very loop and the call returns at once: the panel shows progress, a later
+cell can ``await run``, and the Cancel button stops it. Outside a loop (a script, plain
+``python``, the IPython terminal) the same call runs to completion with a text progress
+line, and Ctrl-C cancels it while keeping the finished rows. ``asyncio.run`` is never
+called inside a running loop and ``nest_asyncio`` is never used: on ipykernel 7 it loses
+shell messages (Cancel clicks vanish, queued cells hang).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import threading
+import warnings
+from typing import Any, Callable
+
+from .batch import Prepared
+from .engine import CANCELLED, FAILED, SKIPPED, Engine
+from .errors import NbparrotError, RunCancelledError, RunNotFinishedError
+from .pricing import cost_of
+
+__all__ = ["Run", "live_runs"]
+
+_ids = itertools.count(1)
+_live: dict[int, "Run"] = {}  # strong references: asyncio keeps only weak ones to tasks
+
+
+def live_runs() -> list["Run"]:
+    """Runs started in this process that have not finished yet."""
+    return list(_live.values())
+
+
+class Run:
+    """One batch: awaitable, cancellable from any thread, with its counts, errors, usage and cost."""
+
+    def __init__(self, engine: Engine, prepared: Prepared, *, model: str,
+                 shape: Callable[["Run"], Any], label: str = ""):
+        self.id = next(_ids)
+        self.engine = engine
+        self.prepared = prepared
+        self.model = model
+        self.label = label
+        self._shape = shape
+        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._cancel_requested = False
+        self._crash: BaseException | None = None  # an unexpected error inside the run
+        self._finished = threading.Event()
+        self._result_cache: Any = None
+        self.view: Any = None  # the panel or text line showing this run
+
+    # ---- starting -----------------------------------------------------------------------
+
+    def start(self, view_factory: Callable[["Run", bool], Any]) -> "Run":
+        """Start on the running loop (returns at once) or, with none, run to completion here."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        self.view = view_factory(self, loop is not None)
+        if loop is None:
+            self._run_here()
+        else:
+            self._start_on(loop)
+        return self
+
+    def _start_on(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop, self._loop_thread = loop, threading.get_ident()
+        _live[self.id] = self
+        self._task = loop.create_task(self._main())
+        self.view.started()
+
+    def _run_here(self) -> None:
+        """Script mode: our own loop; the first Ctrl-C cancels the run (finished rows kept)."""
+        loop = asyncio.new_event_loop()
+        self._loop, self._loop_thread = loop, threading.get_ident()
+        self._task = loop.create_task(self._main())
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            def on_sigint(signum: int, frame: Any) -> None:
+                signal.signal(signal.SIGINT, previous)  # a second Ctrl-C interrupts as usual
+                loop.call_soon_threadsafe(self.cancel)
+            previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            self.view.started()
+            loop.run_until_complete(self._task)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    async def _main(self) -> None:
+        try:
+            await self.engine.run()
+        except asyncio.CancelledError:
+            self._cancel_requested = True  # the outcomes already say which rows were cancelled
+        except BaseException as exc:  # noqa: BLE001 - a run must never die silently
+            self._crash = exc
+        finally:
+            _live.pop(self.id, None)
+            self._finished.set()
+            self.view.finished()
+
+    # ---- state --------------------------------------------------------------------------
+
+    def done(self) -> bool:
+        """True once the run has stopped (finished, cancelled, or failed)."""
+        return self._finished.is_set()
+
+    @property
+    def status(self) -> str:
+        """'running', 'finished', 'cancelled', or 'failed' (a fatal error stopped it)."""
+        if not self.done():
+            return "running" if self._task is not None else "created"
+        if self._crash is not None or self.engine.fatal is not None:
+            return "failed"
+        return "cancelled" if self._cancel_requested else "finished"
+
+    @property
+    def error(self) -> BaseException | None:
+        """The error that stopped the whole run, if one did."""
+        return self.engine.fatal or self._crash
+
+    def counts(self) -> dict[str, int]:
+        """Rows per state: total, queued, in_flight, retrying, done, failed, cancelled, skipped."""
+        p = self.progress
+        return {"total": p.total, "queued": p.queued, "in_flight": p.in_flight, "retrying": p.retrying,
+                "done": p.done, "failed": p.failed, "cancelled": p.cancelled, "skipped": p.skipped}
+
+    @property
+    def progress(self):
+        return self.engine.progress
+
+    @property
+    def outcomes(self):
+        return self.engine.outcomes
+
+    @property
+    def usage(self) -> dict[str, dict[str, int]]:
+        """Tokens and requests per model."""
+        p = self.progress
+        return {self.model: {"requests": p.requests, "prompt_tokens": p.prompt_tokens,
+                             "completion_tokens": p.completion_tokens, "rows_answered": p.done}}
+
+    @property
+    def cost(self) -> float | None:
+        """USD spent so far on answered rows, or None when the model's price is unknown."""
+        return cost_of(self.model, self.progress.prompt_tokens, self.progress.completion_tokens)
+
+    @property
+    def errors(self):
+        """Rows without an answer (failed, skipped, cancelled) with the reason and attempts."""
+        import pandas as pd
+
+        rows = [(k, o) for k, o in enumerate(self.engine.outcomes) if o.status in (FAILED, SKIPPED, CANCELLED)]
+        index = self.prepared.index
+        return pd.DataFrame(
+            {"status": [o.status for _, o in rows], "error": [o.error for _, o in rows],
+             "attempts": [o.attempts for _, o in rows]},
+            index=index[[k for k, _ in rows]] if rows else index[:0],
+        )
+
+    # ---- results ------------------------------------------------------------------------
+
+    def result(self) -> Any:
+        """The answers in the input's shape; rows without an answer are NA (see ``errors``).
+
+        Raises ``RunNotFinishedError`` while the run goes on (``await run`` instead), and the
+        fatal error if one stopped the run (``partial()`` still gives the finished rows).
+        """
+        if not self.done():
+            raise RunNotFinishedError(
+                f"run {self.id} is still going ({self.progress.settled}/{self.progress.total} rows settled): "
+                "use `result = await run` in a notebook cell, or check run.done()")
+        if self.error is not None:
+            raise self.error
+        if self._cancel_requested and self.progress.cancelled:
+            warnings.warn(f"run {self.id} was cancelled: {self.progress.done} of {self.progress.total} rows "
+                          f"answered; the other {self.progress.total - self.progress.done} are NA", stacklevel=2)
+        return self.partial()
+
+    def partial(self) -> Any:
+        """Whatever is answered so far, in the input's shape (unanswered rows NA), at any time."""
+        if self.done() and self._result_cache is not None:
+            return self._result_cache
+        shaped = self._shape(self)
+        if self.done():
+            self._result_cache = shaped
+        return shaped
+
+    def __await__(self):
+        return self._wait().__await__()
+
+    async def _wait(self) -> Any:
+        task = self._task
+        if task is None:
+            raise NbparrotError("this run was never started")
+        if not task.done():
+            try:
+                await asyncio.wait({task})
+            except asyncio.CancelledError:
+                # The kernel's stop button (or any cancel of the awaiting cell): stop the run too,
+                # let it put its rows in order, then say exactly where things are.
+                self.cancel()
+                await asyncio.wait({task})
+                p = self.progress
+                raise RunCancelledError(
+                    f"interrupted: run {self.id} was cancelled with {p.done} of {p.total} rows answered; "
+                    "`run.partial()` returns them (the others are NA)") from None
+        return self.result()
+
+    def cancel(self) -> None:
+        """Stop the run: in-flight requests are cancelled, finished rows kept. Safe from any thread."""
+        if self.done() or self._task is None:
+            return
+        self._cancel_requested = True
+        if threading.get_ident() == self._loop_thread:
+            self._task.cancel()
+        else:
+            self._loop.call_soon_threadsafe(self._task.cancel)
+
+    # ---- guards and display -------------------------------------------------------------
+
+    def _values(self) -> list:
+        if not self.done():
+            raise RunNotFinishedError(
+                f"run {self.id} has not finished, so it has no values yet: `await` it first "
+                "(e.g. `df['answer'] = await run`), or pass into='answer' to fill a column as rows land")
+        result = self.result()
+        return list(result) if not hasattr(result, "tolist") else result.tolist()
+
+    def __iter__(self):
+        return iter(self._values())
+
+    def __len__(self) -> int:
+        return len(self._values())
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __array__(self, dtype: Any = None, copy: Any = None):
+        import numpy as np
+
+        return np.asarray(self._values(), dtype=dtype if dtype is not None else object)
+
+    def summary(self) -> str:
+        """One line: status, counts, tokens, cost and time."""
+        p = self.progress
+        parts = [f"run {self.id} {self.status}: {p.done}/{p.total} answered"]
+        for name, count in (("failed", p.failed), ("cancelled", p.cancelled), ("skipped", p.skipped)):
+            if count:
+                parts.append(f"{count} {name}")
+        parts.append(f"{p.prompt_tokens + p.completion_tokens:,} tokens")
+        cost = self.cost
+        parts.append("cost unknown" if cost is None else f"${cost:,.4f}")
+        if p.started is not None and p.finished is not None:
+            parts.append(f"{p.finished - p.started:.1f}s")
+        return ", ".join(parts)
+
+    def __repr__(self) -> str:
+        return f"<nbparrot.Run {self.summary()}>"
+
+    def _ipython_display_(self) -> None:
+        if self.view is not None and hasattr(self.view, "display_again"):
+            self.view.display_again()
+        else:
+            print(repr(self))
+
