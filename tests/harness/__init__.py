@@ -10,7 +10,7 @@ project's pytest config).  ``lab`` is imported lazily so the kernel harness
 works without jupyterlab/playwright installed.
 """
 
-from .envs import KERNEL_VERSIONS, kernel_python, kernel_version_id
+from .envs import KERNEL_VERSIONS, kernel_python, kernel_version_id, kernel_version_params
 from .kernel import ExecError, ExecResult, KernelHarness, WidgetUpdate, strip_ansi, wait_until
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "WidgetUpdate",
     "kernel_python",
     "kernel_version_id",
+    "kernel_version_params",
     "strip_ansi",
     "wait_until",
 ]

@@ -44,6 +44,22 @@ def kernel_version_id(version: str | None) -> str:
     return "ipykernel-current" if version is None else f"ipykernel-{version}"
 
 
+def kernel_version_params(build_timeout: float = PIP_TIMEOUT + 300) -> list:
+    """KERNEL_VERSIONS as ``pytest.param``s with readable ids.
+
+    Versions that may need a venv build get a ``pytest.mark.timeout`` large
+    enough for that first build (pytest-timeout counts fixture setup).
+    """
+    import pytest
+
+    return [
+        pytest.param(v, id=kernel_version_id(v))
+        if v is None
+        else pytest.param(v, id=kernel_version_id(v), marks=pytest.mark.timeout(build_timeout))
+        for v in KERNEL_VERSIONS
+    ]
+
+
 def venv_dir(version: str) -> Path:
     return KERNELS_DIR / f"ipykernel-{version}"
 
@@ -53,10 +69,24 @@ def _venv_python(path: Path) -> Path:
 
 
 def _project_fingerprint() -> str:
-    """Hash of pyproject.toml, so a changed dependency list triggers a re-install."""
+    """Hash of what the project install depends on (dependencies, build system).
+
+    Other edits to pyproject.toml (pytest options, extras) do not trigger a
+    re-install of the project into the kernel venvs.
+    """
     pyproject = REPO_ROOT / "pyproject.toml"
-    data = pyproject.read_bytes() if pyproject.exists() else b""
-    return hashlib.sha256(data).hexdigest()[:16]
+    try:
+        import tomllib
+
+        with open(pyproject, "rb") as f:
+            data = tomllib.load(f)
+        key = json.dumps(
+            [data.get("build-system"), data.get("project", {}).get("dependencies")],
+            sort_keys=True,
+        ).encode()
+    except (ImportError, OSError, ValueError):
+        key = pyproject.read_bytes() if pyproject.exists() else b""
+    return hashlib.sha256(key).hexdigest()[:16]
 
 
 def _project_dependencies() -> list[str]:
