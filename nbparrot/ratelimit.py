@@ -116,14 +116,16 @@ class Bucket:
 
         ``remaining`` was true ``age`` seconds ago; since then the bucket refilled and we spent
         ``spent_since`` on requests the server had not seen yet, so both are carried forward.
+        The level is set, not just lowered: our token estimates err high on purpose, and
+        taking the server's count back each time keeps that margin from piling up as waste.
         """
         if limit != self.limit:
             self.limit, self.rate = limit, limit / 60.0
         self.capacity = min(limit, remaining + reset * self.rate) if reset is not None else limit
         self.capacity = max(self.capacity, 1.0)
-        server_now = remaining + age * self.rate - spent_since
-        if self.refill(now) > server_now:
-            self.level = server_now
+        self.refill(now)
+        level = remaining + age * self.rate - spent_since
+        self.level = level if level < self.capacity else self.capacity
 
 
 class Pacer:
