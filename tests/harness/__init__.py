@@ -11,12 +11,21 @@ works without jupyterlab/playwright installed.
 """
 
 from .envs import KERNEL_VERSIONS, kernel_python, kernel_version_id, kernel_version_params
-from .kernel import ExecError, ExecResult, KernelHarness, WidgetUpdate, strip_ansi, wait_until
+from .kernel import (
+    ExecError,
+    ExecResult,
+    KernelDied,
+    KernelHarness,
+    WidgetUpdate,
+    strip_ansi,
+    wait_until,
+)
 
 __all__ = [
     "KERNEL_VERSIONS",
     "ExecError",
     "ExecResult",
+    "KernelDied",
     "KernelHarness",
     "WidgetUpdate",
     "kernel_python",
