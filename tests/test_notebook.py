@@ -1,0 +1,147 @@
+"""Runs on a real kernel's own loop (ipykernel 7.x and 6.29.5), driven over the Jupyter protocol.
+
+The kernel talks to the bundled server started by the test; the harness plays the frontend
+(it mirrors widget state and clicks buttons with the same comm messages JupyterLab sends).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import KernelHarness, kernel_python, kernel_version_params, wait_until  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+KEY = "sk-kernel-test-key-0123456789"
+
+
+@pytest.fixture(params=kernel_version_params())
+def kernel(request, tmp_path):
+    python = kernel_python(request.param)
+    with KernelHarness(python=python, cwd=str(tmp_path), env={"NBPARROT_CACHE_DIR": str(tmp_path / "cache")}) as k:
+        yield k
+
+
+def start_run(kernel: KernelHarness, server, rows: int, name: str = "run", concurrency: int = 4, key: str = KEY):
+    code = (
+        "import nbparrot\n"
+        f"rows_{name} = [{{'text': f'row {{i}}'}} for i in range({rows})]\n"
+        f"{name} = nbparrot.map(rows_{name}, 'Say: {{text}}', base_url={server.base_url!r}, api_key={key!r}, "
+        f"concurrency={concurrency}, backoff=0.05)\n"
+        f"print({name}.done())"
+    )
+    result = kernel.execute(code, check=True)
+    return result
+
+
+def test_cell_returns_at_once_and_the_panel_moves_while_no_cell_runs(kernel, make_server):
+    server = make_server(latency_ms=60)
+    started = start_run(kernel, server, rows=120)
+    assert started.stdout == "False\n", "the cell should return while the run goes on"
+    bar = kernel.wait_for_widget("FloatProgress")
+    # updates keep arriving after the cell's reply, while no cell is executing
+    wait_until(lambda: any(u.while_idle and u.state.get("value", 0) > 0 for u in kernel.updates(bar)), timeout=30,
+               message="no progress update arrived while the kernel was idle")
+    result = kernel.execute("res = await run\nprint(len(res), sum(r['answer'].startswith('[') for r in res), run.status)",
+                            check=True, timeout=60)
+    assert result.stdout == "120 120 finished\n"
+    assert kernel.widget(bar)["value"] == 1.0
+    # the finished panel turned into a summary and a preview of prompt beside answer
+    summary = [s for s in kernel.find_widgets("HTML").values() if "nbparrot-summary" in s.get("value", "")]
+    assert summary and "120/120 answered" in summary[0]["value"] and "nbparrot-preview" in summary[0]["value"]
+
+
+def test_cancel_click_stops_the_run_and_keeps_finished_rows(kernel, make_server):
+    server = make_server(latency_ms=100)
+    start_run(kernel, server, rows=400)
+    bar = kernel.wait_for_widget("FloatProgress")
+    wait_until(lambda: kernel.widget(bar).get("value", 0) > 0.02, timeout=30, message="the run made no progress")
+    kernel.click(kernel.wait_for_widget("Button", description="Cancel"))
+    check = (
+        "import asyncio, json\n"
+        "await asyncio.wait({run._task})\n"
+        "pending = [t for t in asyncio.all_tasks() if 'nbparrot' in repr(t.get_coro())]\n"
+        "statuses = [o.status for o in run.outcomes]\n"
+        "print(json.dumps({'status': run.status, 'done': run.progress.done, 'ok': statuses.count('ok'),"
+        " 'cancelled': statuses.count('cancelled'), 'pending': len(pending), 'inner': len(run.engine._tasks),"
+        " 'requests': run.progress.requests, 'answered': sum(v is not None for v in (r['answer'] for r in run.partial()))}))"
+    )
+    report = json.loads(kernel.execute(check, check=True, timeout=30).stdout)
+    assert report["status"] == "cancelled"
+    assert report["pending"] == 0 and report["inner"] == 0
+    assert 0 < report["done"] < 400 and report["ok"] == report["done"] == report["answered"]
+    assert report["ok"] + report["cancelled"] == 400
+    # every request the server saw was sent, and accounted for, by this run
+    assert server.stats()["requests"] == report["requests"]
+
+
+def test_interrupt_during_await_cancels_and_keeps_finished_rows(kernel, make_server):
+    server = make_server(latency_ms=100)
+    start_run(kernel, server, rows=400)
+    msg_id = kernel.execute_nowait("result = await run")
+    wait_until(lambda: sum(server.stats()["answered"].values()) >= 10, timeout=30, message="no answers arrived")
+    kernel.interrupt()
+    cell = kernel.wait(msg_id, timeout=30)
+    assert cell.error is not None and cell.error.ename == "RunCancelledError", cell.error
+    assert "rows answered" in cell.error.evalue and "run.partial()" in cell.error.evalue
+    state = json.loads(kernel.execute(
+        "import json; print(json.dumps([run.status, run.progress.done, run.progress.cancelled,"
+        " sum(r['answer'] is not None for r in run.partial())]))", check=True).stdout)
+    status, done, cancelled, answered = state
+    assert status == "cancelled" and done >= 1 and done + cancelled == 400 and answered == done
+
+
+def test_two_runs_at_once_cancel_one_and_the_other_finishes(kernel, make_server):
+    server = make_server(latency_ms=50)
+    start_run(kernel, server, rows=300, name="slow")
+    start_run(kernel, server, rows=40, name="quick")
+    slow_button = kernel.eval("slow.view.cancel_button.model_id")
+    kernel.click(slow_button)
+    report = kernel.execute(
+        "quick_res = await quick\nimport asyncio\nawait asyncio.wait({slow._task})\n"
+        "print(slow.status, quick.status, sum(r['answer'] is not None for r in quick_res))",
+        check=True, timeout=60)
+    assert report.stdout == "cancelled finished 40\n"
+
+
+def test_a_failing_run_shows_its_error_in_the_panel_and_on_await(kernel, make_server):
+    server = make_server(api_key="sk-the-right-one-000000")
+    start_run(kernel, server, rows=50)
+    result = kernel.execute("await run", timeout=30)
+    assert result.error is not None and result.error.ename == "AuthenticationError"
+    assert KEY not in result.error.text
+    wait_until(lambda: any("stopped:" in s.get("value", "") and "401" in s.get("value", "")
+                           for s in kernel.find_widgets("HTML").values()), timeout=10,
+               message="the panel does not show the error")
+    assert all(KEY not in json.dumps(s) for s in kernel.widgets().values())
+    assert server.stats()["requests"] == 1
+
+
+def test_result_before_the_end_says_to_await_and_column_assignment_is_refused(kernel, make_server):
+    server = make_server(latency_ms=100)
+    start_run(kernel, server, rows=200)
+    result = kernel.execute("run.result()")
+    assert result.error.ename == "RunNotFinishedError" and "await" in result.error.evalue
+    result = kernel.execute("import pandas as pd\ndf = pd.DataFrame(rows_run)\ndf['answer'] = run")
+    assert result.error.ename == "RunNotFinishedError"
+    kernel.execute("run.cancel()", check=True)
+
+
+def test_quickstart_notebook_passes_run_all(kernel):
+    """Every cell queued at once, as Run All does: cells after the background run and the await all answer."""
+    import nbformat
+
+    notebook = nbformat.read(REPO / "notebooks" / "quickstart.ipynb", as_version=4)
+    cells = [c.source for c in notebook.cells if c.cell_type == "code"]
+    ids = [kernel.execute_nowait(source) for source in cells]
+    deadline = time.monotonic() + 120
+    for source, msg_id in zip(cells, ids):
+        result = kernel.wait(msg_id, timeout=max(1.0, deadline - time.monotonic()))
+        assert result.status == "ok", (source, result.error and result.error.text)
+    assert kernel.eval("int(df['sentiment'].notna().sum())") == 200
