@@ -171,15 +171,15 @@ class Engine:
             else:
                 self._pending.append(i)
         self._unsettled = len(self._pending)
-        try:
-            async with Transport(self.endpoint, concurrency=self.settings.concurrency,
-                                 timeout=self.settings.timeout) as transport:
-                self._transport = transport
+        async with Transport(self.endpoint, concurrency=self.settings.concurrency,
+                             timeout=self.settings.timeout) as transport:
+            self._transport = transport
+            try:
                 await self._dispatch()
-        finally:
-            await self._stop()
-            progress.finished = loop.time()
-            progress.emit("finished", -1)
+            finally:  # before the session closes, or in-flight requests would fail as disconnects
+                await self._stop()
+                progress.finished = loop.time()
+                progress.emit("finished", -1)
         return self.outcomes
 
     def cost(self, row: int) -> int:

@@ -244,9 +244,9 @@ class Panel(_Ticker):
         if key == self._last:
             return
         self._last = key
-        total = s["total"]
-        self.bar.value = s["settled"] / total if total else 1.0
-        self.bar.description = f"{s['settled']}/{total}"
+        total, finished = s["total"], s["settled"] - s["cancelled"]  # cancelled rows are not progress
+        self.bar.value = finished / total if total else 1.0
+        self.bar.description = f"{finished}/{total}"
         self.stats.value = self._stats_html(s)
         if s["last_error"]:
             self.error.value = f"<span style='color:#b00'>last error: {html.escape(s['last_error'][:300])}</span>"

@@ -173,6 +173,7 @@ def test_cancel_mid_run_keeps_finished_rows_and_leaves_no_task(make_server):
     run, result, others = asyncio.run(scenario())
     assert others == []
     assert run.status == "cancelled"
+    assert run.progress.last_error is None, "cancelling must not look like connection errors"
     statuses = [o.status for o in run.outcomes]
     assert statuses.count(OK) == run.progress.done >= 20
     assert statuses.count(OK) + statuses.count(CANCELLED) == 400

@@ -181,16 +181,6 @@ def test_interrupt_during_top_level_await(version):
 
 # ---------------------------------------------------------------- browser
 
-def _require_browser():
-    from harness.lab import browser_unavailable_reason
-
-    reason = browser_unavailable_reason()
-    if reason:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"browser test cannot run in CI: {reason}")
-        pytest.skip(reason)
-
-
 WIDGET_CELL = """import ipywidgets as w
 bar = w.IntProgress(value=3, max=10, description="progress")
 button = w.Button(description="click me")
@@ -207,8 +197,9 @@ display(bar, button)"""
 
 @pytest.mark.browser
 def test_browser_renders_widgets_and_click_reaches_kernel(tmp_path):
-    _require_browser()
-    from harness.lab import SEL_BUTTON, SEL_PROGRESS_BAR, Browser, JupyterLab, write_notebook
+    from harness.lab import SEL_BUTTON, SEL_PROGRESS_BAR, Browser, JupyterLab, require_browser, write_notebook
+
+    require_browser()
 
     write_notebook(tmp_path / "widgets.ipynb", [WIDGET_CELL, "print('clicks:', len(clicks))"])
     with JupyterLab(tmp_path) as lab, Browser(lab, prefix="harness_browser_") as br:
