@@ -23,6 +23,9 @@ from .errors import (
 )
 from .pricing import set_price
 from .run import Run, live_runs
+from .accessor import register as _register_accessors
+
+_register_accessors()
 
 __version__ = "0.1.0"
 

@@ -4,25 +4,16 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from .batch import Prepared, prepare
+from .batch import prepare
 from .config import defaults, resolve_endpoint
-from .engine import OK, Engine, EngineSettings
+from .engine import Engine, EngineSettings
 from .errors import ConfigError
 from .panel import make_view
+from .results import ColumnSink, Shape
 from .run import Run
+from .structured import Schema
 
-__all__ = ["map", "shape_result"]
-
-
-def shape_result(run: Run, name: str = "answer") -> Any:
-    """Answers in the input's shape: a Series on the DataFrame's index, or dicts with ``name`` added."""
-    prepared: Prepared = run.prepared
-    values = [o.content if o.status == OK else None for o in run.outcomes]
-    if prepared.records is not None:
-        return [{**record, name: value} for record, value in zip(prepared.records, values)]
-    import pandas as pd
-
-    return pd.Series(values, index=prepared.index, name=name)
+__all__ = ["map"]
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -50,6 +41,13 @@ def map(  # noqa: A001 - the name users expect, as in pandas' Series.map
     tpm: float | None = None,
     on_missing: str = "skip",
     backoff: float = 1.0,
+    schema: Any = None,
+    explode: bool = False,
+    dedupe: bool = False,
+    meta: bool = False,
+    into: str | None = None,
+    name: str = "answer",
+    max_reasks: int = 2,
 ) -> Run:
     """Send ``template`` rendered for every row of ``data`` to a chat-completions endpoint.
 
@@ -59,6 +57,11 @@ def map(  # noqa: A001 - the name users expect, as in pandas' Series.map
     ``run.errors`` the rows without one. ``params`` adds any other body field (``top_p``,
     ``seed``, ``stop``...); ``rpm``/``tpm`` fix the limits instead of learning them from the
     endpoint's headers; ``backoff`` is the base in seconds of the retry backoff.
+
+    ``schema`` (a pydantic model, ``{"field": type}``, or ``list[Model]``) asks for JSON, validates
+    it (re-asking up to ``max_reasks`` times) and gives its fields as columns; ``n``, ``explode``,
+    ``dedupe`` and ``meta`` shape the result as described in ``nbparrot.results``; ``into`` names a
+    DataFrame column that is filled as answers land; ``name`` names the answer column.
     """
     model = model or defaults.model
     if not isinstance(model, str) or not model:
@@ -87,8 +90,22 @@ def map(  # noqa: A001 - the name users expect, as in pandas' Series.map
         if key in ("messages", "stream"):
             raise ConfigError(f"params may not set {key!r}")
         body[key] = value
+    parsed_schema = Schema(schema) if schema is not None else None
+    if max_reasks < 0:
+        raise ConfigError(f"max_reasks must be 0 or more, not {max_reasks!r}")
+    settings.max_reasks = max_reasks
     prepared = prepare(data, template, system=system if system is not None else defaults.system,
                        on_missing=on_missing)
-    engine = Engine(endpoint, body, prepared.prompts, settings, skip_reasons=prepared.skip_reasons)
-    run = Run(engine, prepared, model=model, shape=shape_result)
+    if into is not None:
+        if prepared.frame is None:
+            raise ConfigError("into= fills a DataFrame column; data is a list of dicts")
+        if prepared.variants > 1 or explode:
+            raise ConfigError("into= needs one answer per row: it cannot be used with several templates or explode=True")
+    engine = Engine(endpoint, body, prepared.prompts, settings, skip_reasons=prepared.skip_reasons,
+                    schema=parsed_schema)
+    label = prepared.templates[0] if prepared.variants == 1 else f"{prepared.variants} templates"
+    run = Run(engine, prepared, model=model, label=label,
+              shape=Shape(name, explode=explode, dedupe=dedupe, meta=meta))
+    if into is not None:
+        ColumnSink(run, prepared.frame, into)
     return run.start(make_view)

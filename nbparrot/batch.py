@@ -1,8 +1,9 @@
 """From data and a template to one chat request per row, checked before anything is sent.
 
-``prepare`` accepts a pandas DataFrame or a list of dicts, and a template that is either a
-string (the user message) or a list of ``{"role", "content"}`` messages whose contents are
-templates (few-shot prompts). Every field is checked against the data's columns first, so a
+``prepare`` accepts a pandas DataFrame or a list of dicts, and a template that is a string
+(the user message), a list of ``{"role", "content"}`` messages whose contents are templates
+(few-shot prompts), or a list of strings: several templates, each rendered for every row
+(one request per row x template, row by row). Every field is checked against the data's columns first, so a
 typo costs nothing. Rows with a missing value (None, NaN, NA) in a field the template uses
 are skipped and marked by default (``on_missing="skip"``); ``"empty"`` renders them as empty
 text and ``"error"`` refuses the whole batch.
@@ -10,6 +11,7 @@ text and ``"error"`` refuses the whole batch.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -25,19 +27,38 @@ MISSING_POLICIES = ("skip", "empty", "error")
 class Prepared:
     """The requests of a batch and what is needed to give results back in the input's shape."""
 
-    prompts: list[list[dict] | None]  # messages per row; None = skipped
+    prompts: list[list[dict] | None]  # messages per request; None = skipped
     skip_reasons: dict[int, str] = field(default_factory=dict)
     frame: Any = None  # the input DataFrame, when it was one
     records: Sequence[Mapping] | None = None  # the input dicts, when they were
+    templates: list[str] = field(default_factory=list)  # template texts; several = one request per row x template
+
+    @property
+    def variants(self) -> int:
+        return max(1, len(self.templates))
+
+    def row_of(self, request: int) -> int:
+        """The input row a request was rendered from."""
+        return request // self.variants
+
+    def template_of(self, request: int) -> str:
+        """The template text a request was rendered from (messages as JSON)."""
+        return self.templates[request % self.variants] if self.templates else ""
 
     @property
     def index(self) -> Any:
-        """Row labels: the DataFrame's index, or positions for a list of dicts."""
+        """Input row labels: the DataFrame's index, or positions for a list of dicts."""
         if self.frame is not None:
             return self.frame.index
         import pandas as pd
 
-        return pd.RangeIndex(len(self.prompts))
+        return pd.RangeIndex(len(self.prompts) // self.variants)
+
+    @property
+    def request_index(self) -> Any:
+        """One label per request: the input labels, repeated when there are several templates."""
+        index = self.index
+        return index if self.variants == 1 else index.repeat(self.variants)
 
     def user_text(self, row: int) -> str | None:
         """The rendered last user message of a row (for previews)."""
@@ -48,6 +69,14 @@ class Prepared:
             if message.get("role") == "user":
                 return message.get("content")
         return prompt[-1].get("content")
+
+
+def _variants(template: Any, system: str | None) -> list[list[tuple[str, Template]]]:
+    """One message-template list per template variant."""
+    if (isinstance(template, Sequence) and not isinstance(template, str) and template
+            and all(isinstance(t, str) for t in template)):
+        return [_message_templates(t, system) for t in template]
+    return [_message_templates(template, system)]
 
 
 def _message_templates(template: str | Sequence[Mapping[str, str]], system: str | None) -> list[tuple[str, Template]]:
@@ -61,7 +90,8 @@ def _message_templates(template: str | Sequence[Mapping[str, str]], system: str 
                 raise TemplateError(f"message {k} must be {{'role': 'system'|'user'|'assistant', 'content': str}}, got {dict(message)!r}")
             messages.append((role, Template(content)))
     else:
-        raise TemplateError("template must be a string or a non-empty list of {'role', 'content'} messages")
+        raise TemplateError("template must be a string, a list of strings (several templates), "
+                            "or a non-empty list of {'role', 'content'} messages")
     if system is not None:
         if not isinstance(system, str):
             raise TemplateError(f"system must be a string, not {type(system).__name__}")
@@ -74,7 +104,8 @@ def prepare(data: Any, template: str | Sequence[Mapping[str, str]], *, system: s
     """Render every row's messages; raises ``TemplateError``/``ConfigError`` before any request."""
     if on_missing not in MISSING_POLICIES:
         raise ConfigError(f"on_missing must be one of {', '.join(MISSING_POLICIES)}, not {on_missing!r}")
-    messages = _message_templates(template, system)
+    variants = _variants(template, system)
+    messages = [m for variant in variants for m in variant]
     fields = list(dict.fromkeys(f for _, t in messages for f in t.fields))
     import pandas as pd
 
@@ -119,15 +150,20 @@ def prepare(data: Any, template: str | Sequence[Mapping[str, str]], *, system: s
             for k, m in enumerate(missing[f]):
                 if m:
                     col[k] = ""
-    rendered = [(role, t.render_columns(columns, n)) for role, t in messages]
+    rendered = [[(role, t.render_columns(columns, n), t.fields) for role, t in variant] for variant in variants]
     prompts: list[list[dict] | None] = []
     for i in range(n):
-        prompts.append([{"role": role, "content": texts[i]} for role, texts in rendered])
+        for variant in rendered:
+            prompts.append([{"role": role, "content": texts[i]} for role, texts, _ in variant])
     if fields and on_missing == "skip":
-        for f in fields:
-            for k, m in enumerate(missing[f]):
-                if m and prompts[k] is not None:
-                    prompts[k] = None
-                    prepared.skip_reasons[k] = f"skipped: missing value in {f!r}"
+        for v, variant in enumerate(rendered):
+            for f in dict.fromkeys(f for _, _, used in variant for f in used):
+                for k, m in enumerate(missing[f]):
+                    request = k * len(rendered) + v
+                    if m and prompts[request] is not None:
+                        prompts[request] = None
+                        prepared.skip_reasons[request] = f"skipped: missing value in {f!r}"
     prepared.prompts = prompts
+    prepared.templates = ([template] if isinstance(template, str) else list(template) if len(variants) > 1
+                          else [json.dumps(list(map(dict, template)))])
     return prepared

@@ -34,6 +34,7 @@ from .errors import (
     redact,
 )
 from .ratelimit import Pacer, retry_after_seconds
+from .structured import Schema
 from .tokens import estimate_prompt_tokens
 from .transport import TRANSIENT_ERRORS, Transport
 
@@ -47,12 +48,13 @@ _RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 class Outcome:
     """What happened to one row: its answer or its error, and what it cost."""
 
-    __slots__ = ("status", "content", "finish_reason", "error", "attempts",
+    __slots__ = ("status", "content", "parsed", "finish_reason", "error", "attempts",
                  "prompt_tokens", "completion_tokens", "latency", "cached")
 
     def __init__(self) -> None:
         self.status = PENDING
-        self.content: Any = None  # str, or a list of str when n > 1
+        self.content: Any = None  # the answer text (a list of texts when n > 1); kept when a schema rejects it
+        self.parsed: Any = None  # the validated value(s), when a schema was given
         self.finish_reason: Any = None
         self.error: str | None = None
         self.attempts = 0
@@ -115,6 +117,7 @@ class EngineSettings:
     rpm: float | None = None  # fixed limits; None = learn them from the headers
     tpm: float | None = None
     max_rate_limit_waits: int = 50  # 429s one row may wait through before it is failed
+    max_reasks: int = 2  # re-asks after an answer that does not match the schema
 
 
 class Engine:
@@ -129,6 +132,7 @@ class Engine:
         *,
         progress: Progress | None = None,
         skip_reasons: Mapping[int, str] | None = None,
+        schema: Schema | None = None,
     ):
         self.endpoint = endpoint
         self.settings = settings or EngineSettings()
@@ -140,6 +144,12 @@ class Engine:
         self.progress.limits = self.pacer.limits
         self.fatal: FatalError | None = None
         self._skip_reasons = skip_reasons or {}
+        self.schema = schema
+        if schema is not None:
+            self.params["response_format"] = schema.response_format()
+        self._preamble: list[dict] = []  # messages put before every row's (the json_object fallback)
+        self._extra: dict[int, list[dict]] = {}  # row -> messages after its own (a re-ask)
+        self._reasks: dict[int, int] = {}
         self._n = int(self.params.get("n") or 1)
         self._reply_tokens = self._n * int(self.params.get("max_tokens") or self.params.get("max_completion_tokens") or 0)
         self._prefix = self._encode_prefix()
@@ -184,7 +194,7 @@ class Engine:
 
     def cost(self, row: int) -> int:
         """Tokens a row's request is budgeted at: prompt estimate + n x max_tokens."""
-        return estimate_prompt_tokens(self.prompts[row]) + self._reply_tokens
+        return estimate_prompt_tokens(self._messages(row)) + self._reply_tokens
 
     # ---- dispatch -----------------------------------------------------------------------
 
@@ -269,7 +279,7 @@ class Engine:
         sent = progress.sent_at[row] = loop.time()
         if progress._listeners:
             progress.emit("sent", row)
-        body = b"".join((self._prefix, json.dumps(self.prompts[row]).encode(), b"}"))
+        body = b"".join((self._prefix, json.dumps(self._messages(row)).encode(), b"}"))
         try:
             status, headers, raw = await self._transport.post(body)
         except TRANSIENT_ERRORS as exc:
@@ -289,6 +299,13 @@ class Engine:
             return
         self._error(row, status, headers, raw)
 
+    def _messages(self, row: int) -> list:
+        messages = self.prompts[row]
+        if self._preamble:
+            messages = self._preamble + messages
+        extra = self._extra.get(row)
+        return messages + extra if extra else messages
+
     def _answer(self, row: int, data: dict, latency: float) -> None:
         choices = data["choices"]
         if self._n == 1:
@@ -299,22 +316,40 @@ class Engine:
             content = [c["message"]["content"] for c in choices]
             finish = [c.get("finish_reason") for c in choices]
         usage = data.get("usage") or {}
-        outcome = self.outcomes[row]
+        outcome, progress = self.outcomes[row], self.progress
+        prompt_tokens = usage.get("prompt_tokens") or 0
+        completion_tokens = usage.get("completion_tokens") or 0
+        outcome.prompt_tokens += prompt_tokens  # summed over attempts: a re-asked answer was paid for too
+        outcome.completion_tokens += completion_tokens
+        progress.prompt_tokens += prompt_tokens
+        progress.completion_tokens += completion_tokens
         outcome.content, outcome.finish_reason, outcome.latency = content, finish, latency
-        outcome.prompt_tokens = usage.get("prompt_tokens") or 0
-        outcome.completion_tokens = usage.get("completion_tokens") or 0
-        outcome.status = OK
-        outcome.error = None
         self._open()
         self._streak = 0
-        progress = self.progress
+        if self.schema is not None:
+            try:
+                parse = self.schema.parse
+                outcome.parsed = [parse(c) for c in content] if self._n > 1 else parse(content)
+            except ValueError as exc:
+                return self._reask(row, content[0] if self._n > 1 else content, str(exc))
+        outcome.status = OK
+        outcome.error = None
         progress.done += 1
-        progress.prompt_tokens += outcome.prompt_tokens
-        progress.completion_tokens += outcome.completion_tokens
         progress.latency_total += latency
         self._settled()
         if progress._listeners:
             progress.emit("done", row)
+        return None
+
+    def _reask(self, row: int, answer: Any, problem: str) -> None:
+        """Ask again, showing the model its invalid answer; after ``max_reasks`` the row fails (text kept)."""
+        reasks = self._reasks[row] = self._reasks.get(row, 0) + 1
+        if reasks > self.settings.max_reasks:
+            return self._fail(row, f"no answer matching the schema after {reasks} tries: {problem}")
+        self._extra[row] = [{"role": "assistant", "content": answer if isinstance(answer, str) else ""},
+                            {"role": "user", "content": self.schema.reask(problem)}]
+        self._requeue(row)
+        return None
 
     def _error(self, row: int, status: int, headers: Mapping[str, str], raw: bytes) -> None:
         message, code, kind = _error_fields(raw, self.endpoint.api_key)
@@ -336,13 +371,22 @@ class Engine:
         if status == 400 and "max_tokens" in self.params and "max_completion_tokens" in message:
             # Newer OpenAI models refuse max_tokens; switch the whole run once and resend.
             self.params["max_completion_tokens"] = self.params.pop("max_tokens")
-            self._prefix = self._encode_prefix()
-            self._requeue(row)
-            return None
+            return self._switch_and_resend(row)
+        if (status in (400, 422) and self.schema is not None and not self._preamble
+                and ("response_format" in message or "json_schema" in message)):
+            # The endpoint has no json_schema mode: ask for json_object and put the schema in words.
+            self.params["response_format"] = {"type": "json_object"}
+            self._preamble = [{"role": "system", "content": self.schema.instruction()}]
+            return self._switch_and_resend(row)
         if status in _RETRY_STATUS or status >= 500:
             return self._retry(row, f"{status} {message or 'server error'}".strip())
         self._open()  # the endpoint took the key and the model: this row's request is at fault
         return self._fail(row, f"{status} {code + ': ' if code else ''}{message}".strip())
+
+    def _switch_and_resend(self, row: int) -> None:
+        """After changing the shared parameters, re-encode them and send the row again."""
+        self._prefix = self._encode_prefix()
+        self._requeue(row)
 
     # ---- row bookkeeping ----------------------------------------------------------------
 

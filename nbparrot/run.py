@@ -159,7 +159,7 @@ class Run:
         import pandas as pd
 
         rows = [(k, o) for k, o in enumerate(self.engine.outcomes) if o.status in (FAILED, SKIPPED, CANCELLED)]
-        index = self.prepared.index
+        index = self.prepared.request_index
         return pd.DataFrame(
             {"status": [o.status for _, o in rows], "error": [o.error for _, o in rows],
              "attempts": [o.attempts for _, o in rows]},

@@ -73,7 +73,8 @@ DEFAULT_MODELS = (
 #: Tokens a request without max_tokens is charged per choice by the limiter.
 DEFAULT_MAX_TOKENS_CHARGE = 4096
 #: Markers in the last user message that change the answer (used by tests).
-NOT_JSON_MARKER = "<<not-json>>"
+NOT_JSON_MARKER = "<<not-json>>"  # anywhere in the prompt: never valid JSON (a re-ask fails too)
+NOT_JSON_ONCE_MARKER = "<<not-json-once>>"  # in the last user message: one bad answer (a re-ask succeeds)
 LIST_JSON_MARKER = "<<list-json>>"
 #: Default lifetime of a server started by ServerProcess (tests never leak one).
 SUBPROCESS_MAX_LIFETIME = 3600.0
@@ -743,7 +744,7 @@ class _MockServer:
         # ---- the answer
         stream = bool(body.get("stream"))
         include_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
-        not_json = NOT_JSON_MARKER in last_user
+        not_json = NOT_JSON_MARKER in prompt_text or NOT_JSON_ONCE_MARKER in last_user
         echo = " ".join(last_user[:96].split())[:48]
         seed = int(digest[12:20], 16)
         contents: list[str] = []
