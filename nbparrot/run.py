@@ -160,11 +160,11 @@ class Run:
 
         rows = [(k, o) for k, o in enumerate(self.engine.outcomes) if o.status in (FAILED, SKIPPED, CANCELLED)]
         index = self.prepared.request_index
-        return pd.DataFrame(
-            {"status": [o.status for _, o in rows], "error": [o.error for _, o in rows],
-             "attempts": [o.attempts for _, o in rows]},
-            index=index[[k for k, _ in rows]] if rows else index[:0],
-        )
+        columns = {"status": [o.status for _, o in rows], "error": [o.error for _, o in rows],
+                   "attempts": [o.attempts for _, o in rows]}
+        if self.engine.schema is not None:  # the text a schema rejected, kept for a look
+            columns["raw"] = [o.content for _, o in rows]
+        return pd.DataFrame(columns, index=index[[k for k, _ in rows]] if rows else index[:0])
 
     # ---- results ------------------------------------------------------------------------
 

@@ -107,6 +107,7 @@ class ServerConfig:
     pquota: float = 0.0  # 429 insufficient_quota
     retry_after: bool = True  # False: 429s carry no retry-after headers
     seed: int = 0  # faults are drawn from random.Random(seed)
+    json_schema: bool = True  # False: refuse response_format json_schema with a 400, as older endpoints do
     max_lifetime: float | None = None  # exit on its own after this many seconds
 
     def __post_init__(self) -> None:
@@ -645,6 +646,9 @@ class _MockServer:
                 if fmt not in ("text", "json_object", "json_schema"):
                     raise _Reject(400, "Invalid 'response_format.type': expected one of 'text', 'json_object', "
                                   "'json_schema'.", "invalid_request_error", "invalid_value", "response_format.type")
+                if fmt == "json_schema" and not cfg.json_schema:
+                    raise _Reject(400, "response_format of type 'json_schema' is not supported by this server; "
+                                  "use 'json_object'.", "invalid_request_error", "invalid_value", "response_format")
                 if fmt == "json_schema":
                     spec = response_format.get("json_schema")
                     schema = spec.get("schema") if isinstance(spec, dict) else None
@@ -751,12 +755,13 @@ class _MockServer:
         finishes: list[str] = []
         counts: list[int] = []
         ct, ct_max = cfg.completion_tokens, cfg.completion_tokens_max
+        greedy = body.get("temperature") == 0  # at temperature 0 every choice is the same answer, as in practice
         for i in range(n):
             tokens = ct if ct_max is None else ct + (seed + i * 7919) % (ct_max - ct + 1)
             finish = "stop"
             if max_tokens is not None and tokens > max_tokens:
                 tokens, finish = max_tokens, "length"
-            label = f"{tag}#{i}"
+            label = f"{tag}#{0 if greedy else i}"
             if fmt == "text" or not_json:
                 prefix = f"[{label}] {echo} "
                 content = prefix + _filler(tokens * 4 - len(prefix))
@@ -999,6 +1004,14 @@ async def _watch_parent(parent_pid: int, done: asyncio.Event) -> None:
 # --------------------------------------------------------------------------- CLI
 
 # (field, type, help); flags are --field-with-dashes
+def _bool(text: str) -> bool:
+    """A boolean flag value: true/false, yes/no, 1/0."""
+    value = text.strip().lower()
+    if value not in ("true", "false", "yes", "no", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+    return value in ("true", "yes", "1")
+
+
 _FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("host", str, "loopback address to bind (127.0.0.1, localhost or ::1)"),
     ("port", int, "port (0 = pick a free one)"),
@@ -1021,6 +1034,7 @@ _FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("stall_seconds", float, "how long a stalled request hangs"),
     ("pquota", float, "probability of a 429 insufficient_quota"),
     ("seed", int, "seed of the fault RNG"),
+    ("json_schema", _bool, "accept response_format json_schema (false: 400, as older endpoints)"),
     ("max_lifetime", float, "exit after this many seconds"),
 )
 
