@@ -133,15 +133,20 @@ def test_result_before_the_end_says_to_await_and_column_assignment_is_refused(ke
     kernel.execute("run.cancel()", check=True)
 
 
-def test_quickstart_notebook_passes_run_all(kernel):
+@pytest.mark.parametrize("name", ["quickstart", "extraction"])
+def test_example_notebooks_pass_run_all(kernel, name):
     """Every cell queued at once, as Run All does: cells after the background run and the await all answer."""
     import nbformat
 
-    notebook = nbformat.read(REPO / "notebooks" / "quickstart.ipynb", as_version=4)
+    notebook = nbformat.read(REPO / "notebooks" / f"{name}.ipynb", as_version=4)
     cells = [c.source for c in notebook.cells if c.cell_type == "code"]
     ids = [kernel.execute_nowait(source) for source in cells]
     deadline = time.monotonic() + 120
     for source, msg_id in zip(cells, ids):
         result = kernel.wait(msg_id, timeout=max(1.0, deadline - time.monotonic()))
         assert result.status == "ok", (source, result.error and result.error.text)
-    assert kernel.eval("int(df['sentiment'].notna().sum())") == 200
+    if name == "quickstart":
+        assert kernel.eval("int(df['sentiment'].notna().sum())") == 200
+    else:
+        assert kernel.eval("[int(contacts['seniority'].notna().sum()), len(qa) > 4, sorted(set(qa['title']))]") == \
+            [3, True, ["Bees", "Owls"]]
