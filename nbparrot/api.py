@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+from pathlib import Path
+
 from .batch import prepare
+from .cache import Cache, default_cache_dir
 from .config import defaults, resolve_endpoint
 from .engine import Engine, EngineSettings
 from .errors import ConfigError
@@ -13,7 +16,20 @@ from .results import ColumnSink, Shape
 from .run import Run
 from .structured import Schema
 
-__all__ = ["map"]
+__all__ = ["map", "open_cache"]
+
+CACHE_MODES = ("use", "refresh", "off")
+_caches: dict[Path, Cache] = {}
+
+
+def open_cache(directory: str | Path | None = None) -> Cache:
+    """The answer cache in ``directory`` (default: NBPARROT_CACHE_DIR or the user cache dir), shared per process."""
+    path = Path(directory).expanduser() if directory is not None else default_cache_dir()
+    path = path.resolve()
+    cache = _caches.get(path)
+    if cache is None:
+        cache = _caches[path] = Cache(path)
+    return cache
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -48,6 +64,11 @@ def map(  # noqa: A001 - the name users expect, as in pandas' Series.map
     into: str | None = None,
     name: str = "answer",
     max_reasks: int = 2,
+    cache: str | None = None,
+    cache_dir: str | Path | None = None,
+    max_cost: float | None = None,
+    confirm_over: float | None = None,
+    confirm: bool = False,
 ) -> Run:
     """Send ``template`` rendered for every row of ``data`` to a chat-completions endpoint.
 
@@ -62,6 +83,11 @@ def map(  # noqa: A001 - the name users expect, as in pandas' Series.map
     it (re-asking up to ``max_reasks`` times) and gives its fields as columns; ``n``, ``explode``,
     ``dedupe`` and ``meta`` shape the result as described in ``nbparrot.results``; ``into`` names a
     DataFrame column that is filled as answers land; ``name`` names the answer column.
+
+    ``cache`` is "use" (default: answered requests are not sent again), "refresh" (send, and
+    store the new answers) or "off"; ``cache_dir`` overrides where it lives. ``max_cost`` (USD)
+    is a hard budget: nothing is sent that could take spend past it. ``confirm_over`` (USD):
+    when the run could cost more, the panel asks before sending (a script needs ``confirm=True``).
     """
     model = model or defaults.model
     if not isinstance(model, str) or not model:
@@ -101,11 +127,21 @@ def map(  # noqa: A001 - the name users expect, as in pandas' Series.map
             raise ConfigError("into= fills a DataFrame column; data is a list of dicts")
         if prepared.variants > 1 or explode:
             raise ConfigError("into= needs one answer per row: it cannot be used with several templates or explode=True")
+    mode = defaults.cache if cache is None else cache
+    if mode not in CACHE_MODES:
+        raise ConfigError(f"cache must be one of {', '.join(CACHE_MODES)}, not {mode!r}")
+    if max_cost is not None and not max_cost > 0:
+        raise ConfigError(f"max_cost must be a positive number of USD, not {max_cost!r}")
+    settings.max_cost = max_cost
     engine = Engine(endpoint, body, prepared.prompts, settings, skip_reasons=prepared.skip_reasons,
-                    schema=parsed_schema)
+                    schema=parsed_schema, cache=None if mode == "off" else open_cache(cache_dir),
+                    refresh=mode == "refresh")
+    estimate = engine.plan()  # cache lookups and the cost estimate, before any request
     label = prepared.templates[0] if prepared.variants == 1 else f"{prepared.variants} templates"
     run = Run(engine, prepared, model=model, label=label,
               shape=Shape(name, explode=explode, dedupe=dedupe, meta=meta))
     if into is not None:
         ColumnSink(run, prepared.frame, into)
-    return run.start(make_view)
+    ask = (confirm_over is not None and not confirm and estimate.requests > 0
+           and (estimate.max_cost is None or estimate.max_cost > confirm_over))
+    return run.start(make_view, ask=ask)

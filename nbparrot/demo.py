@@ -43,7 +43,7 @@ def main(rows: int = 200) -> int:
         print(f"mapping a template over {len(df)} rows of sample reviews ...", flush=True)
         run = nbparrot.map(df, "Classify the sentiment of this {product} review as positive, negative or mixed: {review}",
                            model="gpt-4o-mini", base_url=server.base_url, api_key="sk-demo-key",
-                           max_tokens=32, backoff=0.2)
+                           max_tokens=32, backoff=0.2, cache="off")
         df["answer"] = run.result()
         stats = server.stats()
     with pd.option_context("display.max_colwidth", 60, "display.width", 160):

@@ -23,16 +23,20 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+from .cache import Cache, CachedAnswer, request_key
 from .config import Endpoint
 from .errors import (
     AuthenticationError,
+    BudgetExceededError,
+    ConfigError,
     EndpointUnreachableError,
     FatalError,
     ModelNotFoundError,
     PermissionDeniedError,
     QuotaExceededError,
-    redact,
+    error_fields,
 )
+from .pricing import Estimate, cost_of, estimate, price_of
 from .ratelimit import Pacer, retry_after_seconds
 from .structured import Schema
 from .tokens import estimate_prompt_tokens
@@ -118,6 +122,7 @@ class EngineSettings:
     tpm: float | None = None
     max_rate_limit_waits: int = 50  # 429s one row may wait through before it is failed
     max_reasks: int = 2  # re-asks after an answer that does not match the schema
+    max_cost: float | None = None  # USD: never dispatch what could take spend past this
 
 
 class Engine:
@@ -133,6 +138,8 @@ class Engine:
         progress: Progress | None = None,
         skip_reasons: Mapping[int, str] | None = None,
         schema: Schema | None = None,
+        cache: Cache | None = None,
+        refresh: bool = False,
     ):
         self.endpoint = endpoint
         self.settings = settings or EngineSettings()
@@ -143,6 +150,14 @@ class Engine:
         self.pacer = Pacer(self.settings.rpm, self.settings.tpm)
         self.progress.limits = self.pacer.limits
         self.fatal: FatalError | None = None
+        self.budget_stop: BudgetExceededError | None = None
+        self.cache, self._refresh = cache, refresh
+        self.estimate: Estimate | None = None
+        self.model = str(self.params.get("model", ""))
+        self._keys: dict[int, str] = {}
+        self._planned = False
+        self._spent = 0.0  # USD of answered requests, kept only under a budget
+        self._committed: dict[int, float] = {}  # row -> most its in-flight request can cost
         self._skip_reasons = skip_reasons or {}
         self.schema = schema
         if schema is not None:
@@ -170,17 +185,61 @@ class Engine:
 
     # ---- public -------------------------------------------------------------------------
 
+    def plan(self) -> Estimate:
+        """Before any request: settle skipped and cached rows, and estimate what is left to send."""
+        if self._planned:
+            return self.estimate
+        self._planned = True
+        rows = []
+        for i, prompt in enumerate(self.prompts):
+            if prompt is None:
+                self._settle_skipped(i)
+            else:
+                rows.append(i)
+        if self.cache is not None and rows:
+            base, params = self.endpoint.base_url, self.params
+            keys = self._keys
+            for i in rows:
+                keys[i] = request_key(base, {**params, "messages": self.prompts[i]})
+            found = self.cache.get_many([] if self._refresh else list(keys.values()))  # [] still checks it opens
+            if found:
+                rows = [i for i in rows if not self._settle_cached(i, found.get(keys[i]))]
+        self._pending.extend(rows)
+        self._unsettled = len(rows)
+        prompt_tokens = sum(self.cost(i) for i in rows) - self._reply_tokens * len(rows)
+        self.estimate = estimate(self.model, len(rows), prompt_tokens, self._reply_tokens * len(rows))
+        budget = self.settings.max_cost
+        if budget is not None and price_of(self.model) is None:
+            raise ConfigError(f"max_cost cannot be kept: the price of {self.model!r} is unknown; "
+                              "set it with nbparrot.set_price(model, input=..., output=...)")
+        return self.estimate
+
+    def _settle_cached(self, row: int, answer: CachedAnswer | None) -> bool:
+        """Settle a row from the cache; False if there is no usable cached answer."""
+        if answer is None:
+            return False
+        outcome = self.outcomes[row]
+        if self.schema is not None:
+            try:
+                parse = self.schema.parse
+                outcome.parsed = [parse(c) for c in answer.content] if self._n > 1 else parse(answer.content)
+            except (ValueError, TypeError):
+                return False
+        outcome.content, outcome.finish_reason = answer.content, answer.finish_reason
+        outcome.prompt_tokens, outcome.completion_tokens = answer.prompt_tokens, answer.completion_tokens
+        outcome.status, outcome.cached = OK, True
+        progress = self.progress
+        progress.done += 1
+        progress.cached += 1
+        progress.queued -= 1
+        return True
+
     async def run(self) -> list[Outcome]:
         """Send every row; returns the outcomes (also on cancel, where unfinished rows say so)."""
         loop = self._loop = asyncio.get_running_loop()
         progress = self.progress
         progress.started = loop.time()
-        for i, prompt in enumerate(self.prompts):
-            if prompt is None:
-                self._settle_skipped(i)
-            else:
-                self._pending.append(i)
-        self._unsettled = len(self._pending)
+        self.plan()
         async with Transport(self.endpoint, concurrency=self.settings.concurrency,
                              timeout=self.settings.timeout) as transport:
             self._transport = transport
@@ -200,12 +259,20 @@ class Engine:
 
     async def _dispatch(self) -> None:
         loop, pacer, pending = self._loop, self.pacer, self._pending
+        budget = self.settings.max_cost
         while self._unsettled and self.fatal is None:
+            if self.budget_stop is not None:
+                if not self._in_flight:
+                    return
+                await self._wait()
+                continue
             if not pending or self._in_flight >= self._limit:
                 await self._wait()
                 continue
             row = pending[0]
             cost = self.cost(row)
+            if budget is not None and not self._affordable(row, cost, budget):
+                continue
             if pacer.too_large(cost):
                 pending.popleft()
                 self._fail(row, f"request needs about {cost} tokens, more than the whole "
@@ -221,6 +288,21 @@ class Engine:
             task = loop.create_task(self._attempt(row, mark))
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
+
+    def _affordable(self, row: int, tokens: int, budget: float) -> bool:
+        """Book the most this request can cost, unless spend plus what is in flight would pass the budget."""
+        most = cost_of(self.model, tokens - self._reply_tokens, self._reply_tokens) or 0.0
+        committed = sum(self._committed.values())
+        if self._spent + committed + most > budget:
+            self.budget_stop = BudgetExceededError(
+                f"stopped at the budget: ${self._spent:,.4f} spent of max_cost=${budget:,.4f}, and the next request "
+                f"could cost up to ${most:,.4f} with ${committed:,.4f} still in flight; "
+                f"{self.progress.done} of {self.progress.total} rows answered (run.partial() has them; "
+                "a rerun with a higher max_cost sends only the rest)")
+            self.progress.last_error = str(self.budget_stop)
+            return False
+        self._committed[row] = most
+        return True
 
     def _task_done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
@@ -254,7 +336,16 @@ class Engine:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        reason = f"not sent: the run stopped ({self.fatal})" if self.fatal else "cancelled before an answer arrived"
+        if self.fatal:
+            reason = f"not sent: the run stopped ({self.fatal})"
+        elif self.budget_stop:
+            reason = f"not sent: max_cost=${self.settings.max_cost:,.4f} reached"
+        else:
+            reason = "cancelled before an answer arrived"
+        self.abandon(reason)
+
+    def abandon(self, reason: str) -> None:
+        """Mark every row without an outcome as cancelled, with ``reason`` (nothing is left pending)."""
         progress = self.progress
         progress.retrying = 0
         for outcome in self.outcomes:
@@ -288,6 +379,8 @@ class Engine:
         finally:
             progress.in_flight -= 1
             progress.sent_at.pop(row, None)
+            if self._committed:
+                self._committed.pop(row, None)
         now = loop.time()
         self._heard = True
         self.pacer.observe(headers, mark, now)
@@ -323,6 +416,8 @@ class Engine:
         outcome.completion_tokens += completion_tokens
         progress.prompt_tokens += prompt_tokens
         progress.completion_tokens += completion_tokens
+        if self.settings.max_cost is not None:
+            self._spent += cost_of(self.model, prompt_tokens, completion_tokens) or 0.0
         outcome.content, outcome.finish_reason, outcome.latency = content, finish, latency
         self._open()
         self._streak = 0
@@ -334,6 +429,9 @@ class Engine:
                 return self._reask(row, content[0] if self._n > 1 else content, str(exc))
         outcome.status = OK
         outcome.error = None
+        if self.cache is not None:
+            self.cache.put(self._keys[row], CachedAnswer(content, finish, outcome.prompt_tokens,
+                                                         outcome.completion_tokens, self.model))
         progress.done += 1
         progress.latency_total += latency
         self._settled()
@@ -352,7 +450,7 @@ class Engine:
         return None
 
     def _error(self, row: int, status: int, headers: Mapping[str, str], raw: bytes) -> None:
-        message, code, kind = _error_fields(raw, self.endpoint.api_key)
+        message, code, kind = error_fields(raw, self.endpoint.api_key)
         where = f"{status} from {self.endpoint.base_url}"
         if status == 429 and code == "insufficient_quota" or kind == "insufficient_quota":
             return self._stop_run(QuotaExceededError(f"{where}: no quota left ({message})", status=status, code=code))
@@ -481,19 +579,3 @@ def _describe(exc: BaseException) -> str:
         return "timed out waiting for the answer"
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
-
-
-def _error_fields(raw: bytes, secret: str | None) -> tuple[str, str | None, str | None]:
-    """Message, code and type of an OpenAI-style error body (or its text), with keys redacted."""
-    try:
-        error = json.loads(raw).get("error")
-        if isinstance(error, dict):
-            return redact(str(error.get("message") or ""), secret), error.get("code"), error.get("type")
-        if isinstance(error, str):
-            return redact(error, secret), None, None
-    except (ValueError, AttributeError):
-        pass
-    text = raw[:300].decode("utf-8", "replace").strip()
-    if text.lstrip().startswith("<"):  # an HTML error page from a proxy
-        text = "non-JSON error page"
-    return redact(text, secret), None, None

@@ -8,6 +8,7 @@ pointless (``FatalError`` and its subclasses), or a question about an unfinished
 
 from __future__ import annotations
 
+import json
 import re
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "RunNotFinishedError",
     "RunCancelledError",
     "redact",
+    "error_fields",
 ]
 
 
@@ -91,3 +93,19 @@ def redact(text: str, secret: str | None = None) -> str:
     if secret and len(secret) >= 4 and secret in text:
         text = text.replace(secret, "***")
     return _KEY_PATTERN.sub(r"\1***", text)
+
+
+def error_fields(raw: bytes, secret: str | None) -> tuple[str, str | None, str | None]:
+    """Message, code and type of an OpenAI-style error body (or its text), with keys redacted."""
+    try:
+        error = json.loads(raw).get("error")
+        if isinstance(error, dict):
+            return redact(str(error.get("message") or ""), secret), error.get("code"), error.get("type")
+        if isinstance(error, str):
+            return redact(error, secret), None, None
+    except (ValueError, AttributeError):
+        pass
+    text = raw[:300].decode("utf-8", "replace").strip()
+    if text.lstrip().startswith("<"):  # an HTML error page from a proxy
+        text = "non-JSON error page"
+    return redact(text, secret), None, None

@@ -105,6 +105,7 @@ def snapshot(run: "Run", rates: _Rates | None = None) -> dict[str, Any]:
         "total": p.total, "settled": settled, "queued": p.queued, "in_flight": p.in_flight,
         "retrying": p.retrying, "done": p.done, "failed": p.failed, "cancelled": p.cancelled,
         "skipped": p.skipped, "rate_limited": p.rate_limited, "tokens": tokens, "cost": run.cost,
+        "projected": run.projected_cost, "cached": p.cached,
         "elapsed": elapsed, "eta": eta, "oldest": oldest, "rpm": rpm, "tpm": tpm,
         "rpm_limit": limits.get("rpm"), "tpm_limit": limits.get("tpm"), "last_error": p.last_error,
         "status": run.status,
@@ -219,9 +220,29 @@ class Panel(_Ticker):
         from IPython.display import display
 
         self._title()
+        if self.run.estimate is not None:
+            self.error.value = f"<span class='nbparrot-estimate'>estimate: {html.escape(str(self.run.estimate))}</span>"
         display(self.box)
         self._shown_in = _execution_count()
         super().started()
+
+    def ask(self) -> None:
+        """Ask Run / Cancel before a run estimated above ``confirm_over`` sends anything."""
+        w, run = self._w, self.run
+        go = w.Button(description="Run", button_style="warning", icon="play")
+        stop = w.Button(description="Cancel", button_style="", icon="times")
+        go.on_click(lambda _b: run.confirm(True))
+        stop.on_click(lambda _b: run.confirm(False))
+        question = w.HTML(f"<b>This run may cost up to {_cost_text(run.estimate.max_cost)}</b> "
+                          f"(~{_cost_text(run.estimate.expected_cost)} expected): send it?")
+        self.question = w.HBox([question, go, stop])
+        self.question.add_class("nbparrot-confirm")
+        self.box.children = (self.question, *self.box.children)
+
+    def _answered(self) -> None:
+        question = getattr(self, "question", None)
+        if question is not None and question in self.box.children:
+            self.box.children = tuple(c for c in self.box.children if c is not question)
 
     def display_again(self) -> None:
         """Show the panel again, unless it was just shown by the same cell."""
@@ -239,6 +260,8 @@ class Panel(_Ticker):
 
     def refresh(self) -> None:
         s = snapshot(self.run, self._rates)
+        if s["status"] != "waiting":
+            self._answered()
         key = (s["settled"], s["in_flight"], s["retrying"], s["tokens"], s["status"], s["last_error"],
                int(s["elapsed"]))
         if key == self._last:
@@ -254,7 +277,7 @@ class Panel(_Ticker):
     @staticmethod
     def _stats_html(s: dict) -> str:
         counts = " · ".join(f"{name.replace('_', ' ')} <b>{s[name]}</b>" for name in
-                            ("queued", "in_flight", "retrying", "done", "failed", "skipped", "cancelled")
+                            ("queued", "in_flight", "retrying", "done", "cached", "failed", "skipped", "cancelled")
                             if s[name] or name in ("queued", "in_flight", "done", "failed"))
         rate = ""
         if s["rpm"] is not None:
@@ -265,15 +288,17 @@ class Panel(_Ticker):
                 rate += f" · 429s <b>{s['rate_limited']}</b>"
         oldest = f" · oldest in flight {_fmt_secs(s['oldest'])}" if s["oldest"] is not None else ""
         eta = f" · ETA {_fmt_secs(s['eta'])}" if s["eta"] is not None else ""
+        projected = f" (projected total {_cost_text(s['projected'])})" if s["projected"] is not None else ""
         return (f"<span class='nbparrot-counts'>{counts}</span>{rate}<br>"
-                f"tokens <b>{s['tokens']:,}</b> · {_cost_text(s['cost'])} · "
+                f"tokens <b>{s['tokens']:,}</b> · {_cost_text(s['cost'])}{projected} · "
                 f"elapsed {_fmt_secs(s['elapsed'])}{eta}{oldest}")
 
     def close(self) -> None:
         """Turn into a compact summary plus a preview of the first results."""
         run = self.run
         self._title()
-        self.bar.bar_style = {"finished": "success", "cancelled": "warning"}.get(run.status, "danger")
+        self._answered()
+        self.bar.bar_style = {"finished": "success", "cancelled": "warning", "stopped": "warning"}.get(run.status, "danger")
         self.cancel_button.disabled = True
         self.cancel_button.layout.display = "none"
         summary = html.escape(run.summary())

@@ -3,7 +3,9 @@
 The table holds OpenAI's list prices (USD per 1M tokens: input, cached input, output) as
 published when this version was made; ``set_price`` adds or overrides a model (a gateway's
 or a fine-tune's). The Batch API costs half. A model missing from the table has an
-*unknown* cost (None), never zero.
+*unknown* cost (None), never zero. ``estimate`` gives a run's cost before any request:
+expected (answers assumed to use half of ``max_tokens`` until real ones show their length)
+and at most (every ``max_tokens`` used, which is also what a budget must assume).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-__all__ = ["Price", "PRICES", "BATCH_DISCOUNT", "price_of", "set_price", "cost_of"]
+__all__ = ["Price", "PRICES", "BATCH_DISCOUNT", "price_of", "set_price", "cost_of", "Estimate", "estimate"]
 
 
 class Price(NamedTuple):
@@ -63,3 +65,29 @@ def cost_of(model: str, prompt_tokens: int, completion_tokens: int, cached_token
     usd = ((prompt_tokens - cached_tokens) * price.input + cached_tokens * price.cached_input
            + completion_tokens * price.output) / 1e6
     return usd * BATCH_DISCOUNT if batch else usd
+
+
+EXPECTED_SHARE = 0.5  # before any answer: assume answers use half of max_tokens
+
+
+class Estimate(NamedTuple):
+    """What a run will send and cost, known before any request: expected and at most."""
+
+    requests: int
+    prompt_tokens: int
+    max_completion_tokens: int  # n x max_tokens per request, summed
+    expected_cost: float | None  # prompts + EXPECTED_SHARE of max_completion_tokens
+    max_cost: float | None  # prompts + every max_completion token
+
+    def __str__(self) -> str:
+        tokens = f"{self.prompt_tokens:,} prompt + up to {self.max_completion_tokens:,} completion tokens"
+        if self.max_cost is None:
+            return f"{self.requests:,} requests, {tokens}, cost unknown (no price for this model)"
+        return f"{self.requests:,} requests, {tokens}: ~${self.expected_cost:,.4f} expected, at most ${self.max_cost:,.4f}"
+
+
+def estimate(model: str, requests: int, prompt_tokens: int, max_completion_tokens: int) -> Estimate:
+    """Expected and upper-bound cost of a run from its token estimates."""
+    expected_out = int(max_completion_tokens * EXPECTED_SHARE)
+    return Estimate(requests, prompt_tokens, max_completion_tokens,
+                    cost_of(model, prompt_tokens, expected_out), cost_of(model, prompt_tokens, max_completion_tokens))

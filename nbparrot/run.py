@@ -20,18 +20,35 @@ from typing import Any, Callable
 
 from .batch import Prepared
 from .engine import CANCELLED, FAILED, SKIPPED, Engine
-from .errors import NbparrotError, RunCancelledError, RunNotFinishedError
+from .errors import ConfigError, NbparrotError, RunCancelledError, RunNotFinishedError
 from .pricing import cost_of
 
-__all__ = ["Run", "live_runs"]
+__all__ = ["Run", "live_runs", "record_usage", "session_usage"]
 
 _ids = itertools.count(1)
 _live: dict[int, "Run"] = {}  # strong references: asyncio keeps only weak ones to tasks
+_usage: dict[str, dict[str, int]] = {}  # model -> session totals
 
 
 def live_runs() -> list["Run"]:
     """Runs started in this process that have not finished yet."""
     return list(_live.values())
+
+
+def record_usage(model: str, *, requests: int = 0, prompt_tokens: int = 0, completion_tokens: int = 0,
+                 cached: int = 0) -> None:
+    """Add to this session's totals (every finished run and single prompt reports here)."""
+    totals = _usage.setdefault(model, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cached": 0})
+    totals["requests"] += requests
+    totals["prompt_tokens"] += prompt_tokens
+    totals["completion_tokens"] += completion_tokens
+    totals["cached"] += cached
+
+
+def session_usage() -> dict[str, dict[str, Any]]:
+    """Requests, tokens, cached answers and cost per model for this session (cost None if unknown)."""
+    return {model: {**t, "cost": cost_of(model, t["prompt_tokens"], t["completion_tokens"])}
+            for model, t in _usage.items()}
 
 
 class Run:
@@ -52,17 +69,26 @@ class Run:
         self._crash: BaseException | None = None  # an unexpected error inside the run
         self._finished = threading.Event()
         self._result_cache: Any = None
+        self._confirmation: asyncio.Future | None = None  # set when the panel must ask before sending
         self.view: Any = None  # the panel or text line showing this run
 
     # ---- starting -----------------------------------------------------------------------
 
-    def start(self, view_factory: Callable[["Run", bool], Any]) -> "Run":
-        """Start on the running loop (returns at once) or, with none, run to completion here."""
+    def start(self, view_factory: Callable[["Run", bool], Any], *, ask: bool = False) -> "Run":
+        """Start on the running loop (returns at once) or, with none, run to completion here.
+
+        ``ask``: the view must get the user's go-ahead (Run / Cancel) before any request.
+        """
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
         self.view = view_factory(self, loop is not None)
+        if ask:
+            if loop is None or not hasattr(self.view, "ask"):
+                raise ConfigError(f"this run is estimated at {self.engine.estimate}, above confirm_over; "
+                                  "pass confirm=True to run it anyway")
+            self._confirmation = loop.create_future()
         if loop is None:
             self._run_here()
         else:
@@ -97,6 +123,12 @@ class Run:
 
     async def _main(self) -> None:
         try:
+            if self._confirmation is not None:
+                self.view.ask()
+                if not await self._confirmation:
+                    self._cancel_requested = True
+                    self.engine.abandon("not sent: the run was not confirmed")
+                    return
             await self.engine.run()
         except asyncio.CancelledError:
             self._cancel_requested = True  # the outcomes already say which rows were cancelled
@@ -104,10 +136,19 @@ class Run:
             self._crash = exc
         finally:
             _live.pop(self.id, None)
+            p = self.progress
+            record_usage(self.model, requests=p.requests, prompt_tokens=p.prompt_tokens,
+                         completion_tokens=p.completion_tokens, cached=p.cached)
             self._finished.set()
             self.view.finished()
 
     # ---- state --------------------------------------------------------------------------
+
+    def confirm(self, go: bool = True) -> None:
+        """Answer the panel's question before a costly run: send it (True) or drop it. Any thread."""
+        fut = self._confirmation
+        if fut is not None and not fut.done():
+            self._loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(bool(go)))
 
     def done(self) -> bool:
         """True once the run has stopped (finished, cancelled, or failed)."""
@@ -115,17 +156,27 @@ class Run:
 
     @property
     def status(self) -> str:
-        """'running', 'finished', 'cancelled', or 'failed' (a fatal error stopped it)."""
+        """'waiting' (for confirmation), 'running', 'finished', 'cancelled', 'stopped' (max_cost
+        reached), or 'failed' (a fatal error stopped it)."""
         if not self.done():
+            if self._confirmation is not None and not self._confirmation.done():
+                return "waiting"
             return "running" if self._task is not None else "created"
         if self._crash is not None or self.engine.fatal is not None:
             return "failed"
+        if self.engine.budget_stop is not None:
+            return "stopped"
         return "cancelled" if self._cancel_requested else "finished"
 
     @property
     def error(self) -> BaseException | None:
-        """The error that stopped the whole run, if one did."""
-        return self.engine.fatal or self._crash
+        """The error that stopped the whole run, if one did (fatal answer, budget, crash)."""
+        return self.engine.fatal or self.engine.budget_stop or self._crash
+
+    @property
+    def estimate(self):
+        """Requests, tokens and cost (expected, at most) of what this run sends, known before it starts."""
+        return self.engine.estimate
 
     def counts(self) -> dict[str, int]:
         """Rows per state: total, queued, in_flight, retrying, done, failed, cancelled, skipped."""
@@ -146,12 +197,23 @@ class Run:
         """Tokens and requests per model."""
         p = self.progress
         return {self.model: {"requests": p.requests, "prompt_tokens": p.prompt_tokens,
-                             "completion_tokens": p.completion_tokens, "rows_answered": p.done}}
+                             "completion_tokens": p.completion_tokens, "rows_answered": p.done,
+                             "rows_cached": p.cached}}
 
     @property
     def cost(self) -> float | None:
-        """USD spent so far on answered rows, or None when the model's price is unknown."""
+        """USD spent so far (cached rows cost nothing), or None when the model's price is unknown."""
         return cost_of(self.model, self.progress.prompt_tokens, self.progress.completion_tokens)
+
+    @property
+    def projected_cost(self) -> float | None:
+        """The whole run's cost as it looks now: spend so far plus the rows left at the average so far."""
+        p, spent = self.progress, self.cost
+        sent_rows = p.done - p.cached
+        if spent is None or not sent_rows:
+            return self.estimate.expected_cost if self.estimate else None
+        left = p.total - p.settled
+        return spent + spent / sent_rows * left
 
     @property
     def errors(self):
@@ -253,7 +315,8 @@ class Run:
         """One line: status, counts, tokens, cost and time."""
         p = self.progress
         parts = [f"run {self.id} {self.status}: {p.done}/{p.total} answered"]
-        for name, count in (("failed", p.failed), ("cancelled", p.cancelled), ("skipped", p.skipped)):
+        for name, count in (("from cache", p.cached), ("failed", p.failed), ("cancelled", p.cancelled),
+                            ("skipped", p.skipped)):
             if count:
                 parts.append(f"{count} {name}")
         parts.append(f"{p.prompt_tokens + p.completion_tokens:,} tokens")

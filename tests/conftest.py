@@ -33,3 +33,9 @@ def make_server() -> Iterator[Callable[..., Any]]:
     yield make
     for srv in servers:
         srv.stop()
+
+
+@pytest.fixture(autouse=True)
+def _private_cache_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test (and every process it starts) caches answers in its own temp dir, never ~/.cache."""
+    monkeypatch.setenv("NBPARROT_CACHE_DIR", str(tmp_path_factory.mktemp("nbparrot-cache")))

@@ -150,3 +150,25 @@ def test_example_notebooks_pass_run_all(kernel, name):
     else:
         assert kernel.eval("[int(contacts['seniority'].notna().sum()), len(qa) > 4, sorted(set(qa['title']))]") == \
             [3, True, ["Bees", "Owls"]]
+
+
+def test_confirm_over_asks_in_the_panel_before_any_request(kernel, make_server):
+    server = make_server()
+    code = (
+        "import nbparrot\n"
+        "rows = [{'text': 'x' * 2000} for _ in range(100)]\n"
+        f"costly = nbparrot.map(rows, 'Say {{text}}', base_url={server.base_url!r}, api_key={KEY!r}, confirm_over=0.001)\n"
+        f"dropped = nbparrot.map(rows[:10], 'Drop {{text}}', base_url={server.base_url!r}, api_key={KEY!r}, confirm_over=0.0001)\n"
+        "print(costly.status, dropped.status)"
+    )
+    assert kernel.execute(code, check=True).stdout == "waiting waiting\n"
+    assert server.stats()["requests"] == 0
+    go = kernel.eval("costly.view.question.children[1].model_id")
+    no = kernel.eval("dropped.view.question.children[2].model_id")
+    kernel.click(no)
+    kernel.click(go)
+    report = kernel.execute("await costly\nimport asyncio\nawait asyncio.wait({dropped._task})\n"
+                            "print(costly.status, costly.progress.done, dropped.status, dropped.progress.cancelled)",
+                            check=True, timeout=60)
+    assert report.stdout == "finished 100 cancelled 10\n"
+    assert server.stats()["requests"] == 100
