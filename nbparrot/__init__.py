@@ -27,6 +27,29 @@ from .accessor import register as _register_accessors
 
 _register_accessors()
 
+
+def load_ipython_extension(ipython) -> None:  # noqa: ANN001 - IPython's hook
+    """``%load_ext nbparrot``: register the ``%llm`` / ``%%llm`` magics."""
+    from .magics import load_ipython_extension as load
+
+    load(ipython)
+
+
+def _register_magics_in_a_kernel() -> None:
+    """``import nbparrot`` inside a Jupyter kernel registers the magics too."""
+    import sys
+
+    if "IPython" not in sys.modules:  # not running under IPython: nothing to do (and no import cost)
+        return
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    if shell is not None and getattr(shell, "kernel", None) is not None and "llm" not in shell.magics_manager.magics["cell"]:
+        load_ipython_extension(shell)
+
+
+_register_magics_in_a_kernel()
+
 __version__ = "0.1.0"
 
 __all__ = [

@@ -1,0 +1,409 @@
+"""``%%llm`` and ``%llm``: prompt iteration in a notebook.
+
+- ``%%llm [-o NAME] [options]`` sends the cell as one prompt, ``{name}`` fields filled from
+  the notebook's variables, and streams the answer into the cell output as Markdown while
+  the cell has already returned; ``-o NAME`` binds the final text (or parsed JSON) when done.
+- ``%%llm --over DF [--sample K] -o NAME``: the cell is a row template run over a DataFrame
+  as a ``Run`` (panel, Cancel, preview); ``NAME`` is bound to the Run at once.
+- Several prompt variants separated by a line ``---`` run over the same rows and are shown
+  side by side, with tokens, cost and latency per variant.
+- ``%llm status | cancel [ID|all] | cost | models | cache info|clear`` manage the session.
+Defaults (model, base_url, concurrency, system, max_tokens) via ``%config NbparrotMagics.model = ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import html
+import json
+import re
+import shlex
+import time
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.display import HTML, Markdown, display
+from traitlets import Int, Unicode, observe
+
+from . import api
+from .cache import CachedAnswer, request_key
+from .config import configure, defaults, resolve_endpoint
+from .errors import NbparrotError
+from .pricing import cost_of
+from .run import Run, live_runs, record_usage, session_usage
+from .stream import stream_chat
+from .structured import Schema
+from .templates import Template
+
+__all__ = ["NbparrotMagics", "load_ipython_extension"]
+
+_VARIANT_SPLIT = re.compile(r"^\s*---\s*$", re.MULTILINE)
+_REFRESH = 0.1  # seconds between streamed display updates
+_tasks: set[asyncio.Task] = set()  # strong references to single-prompt tasks
+
+
+@magics_class
+class NbparrotMagics(Magics):
+    """nbparrot's magics; traits are the session defaults (``%config NbparrotMagics.model = "gpt-4.1-mini"``)."""
+
+    model = Unicode(defaults.model, help="default model").tag(config=True)
+    base_url = Unicode("", help="default endpoint base URL ('' = OPENAI_BASE_URL or OpenAI)").tag(config=True)
+    concurrency = Int(defaults.concurrency, help="requests in flight at once").tag(config=True)
+    system = Unicode("", help="default system prompt ('' = none)").tag(config=True)
+    max_tokens = Int(defaults.max_tokens, help="default max_tokens").tag(config=True)
+
+    @observe("model", "base_url", "concurrency", "system", "max_tokens")
+    def _to_defaults(self, change: dict) -> None:
+        value = change["new"]
+        configure(**{change["name"]: (value or None) if change["name"] in ("base_url", "system") else value})
+
+    @magic_arguments()
+    @argument("-o", "--output", metavar="NAME", help="bind the result to this variable (a Run with --over)")
+    @argument("-m", "--model", help="model name")
+    @argument("-s", "--system", help="system prompt")
+    @argument("-t", "--temperature", type=float, help="sampling temperature")
+    @argument("--max-tokens", type=int, help="maximum tokens per answer")
+    @argument("-n", type=int, default=1, help="answers per prompt")
+    @argument("--json", action="store_true", help="ask for a JSON object and parse it")
+    @argument("--schema", metavar="NAME", help="a pydantic model (or dict of field: type) from the namespace")
+    @argument("--base-url", help="endpoint base URL")
+    @argument("--no-cache", action="store_true", help="send even if this exact request was answered before")
+    @argument("--over", metavar="DF", help="run the cell as a row template over this DataFrame")
+    @argument("--sample", type=int, metavar="K", help="with --over: only K rows (a fixed random sample)")
+    @argument("command", nargs="*", help="line form: status | cancel [ID|all] | cost | models | cache info|clear")
+    @no_var_expand  # {name} fields are ours to fill, from the cell body only
+    @line_cell_magic
+    def llm(self, line: str, cell: str | None = None) -> Any:
+        """Send prompts to an LLM from a notebook (see the nbparrot module docs and README).
+
+        Cell form: ``%%llm [options]`` with the prompt as the cell body; ``{name}`` fields come
+        from the notebook's variables (plain names only). Lines ``---`` separate variants to
+        compare side by side. Line form: ``%llm status``, ``%llm cancel [ID|all]``,
+        ``%llm cost``, ``%llm models``, ``%llm cache info``, ``%llm cache clear``.
+        """
+        try:
+            args = parse_argstring(self.llm, line)
+        except (UsageError, SystemExit, argparse.ArgumentError) as exc:
+            raise UsageError(f"%llm: {exc}") from None
+        try:
+            if cell is None:
+                return self._line(args)
+            return self._cell(args, cell)
+        except NbparrotError as exc:
+            raise UsageError(f"%llm: {exc}") from None
+
+    # ---- line form ----------------------------------------------------------------------
+
+    def _line(self, args: argparse.Namespace) -> Any:
+        words = args.command
+        if not words:
+            raise UsageError("%llm needs a command (status, cancel, cost, models, cache) or a cell: %%llm")
+        command, rest = words[0], words[1:]
+        if command == "status":
+            return _status_table()
+        if command == "cancel":
+            return _cancel(rest)
+        if command == "cost":
+            return _cost_table()
+        if command == "models":
+            return _models(args.base_url)
+        if command == "cache":
+            return _cache(rest)
+        raise UsageError(f"%llm: unknown command {command!r}; use status, cancel, cost, models or cache")
+
+    # ---- cell form ----------------------------------------------------------------------
+
+    def _cell(self, args: argparse.Namespace, cell: str) -> Any:
+        if args.command:
+            raise UsageError(f"%%llm: unexpected words {' '.join(args.command)!r} (options start with -)")
+        if args.json and args.schema:
+            raise UsageError("%%llm: use --json or --schema, not both")
+        variants = [v.strip() for v in _VARIANT_SPLIT.split(cell) if v.strip()]
+        if not variants:
+            raise UsageError("%%llm: the cell is empty; write the prompt below the %%llm line")
+        if args.output is not None and not args.output.isidentifier():
+            raise UsageError(f"%%llm: -o needs a variable name, not {args.output!r}")
+        ns = self.shell.user_ns
+        schema = self._schema(args, ns)
+        if args.over is not None:
+            frame = self._frame(args, ns)
+            run = api.map(frame, variants if len(variants) > 1 else variants[0], **self._options(args, schema))
+            if args.output:
+                ns[args.output] = run
+            if len(variants) > 1:
+                _show_comparison_when_done(run, variants)
+            return None
+        rendered = [_render(v, ns) for v in variants]
+        if len(rendered) > 1:  # compare variants on the one prompt: a one-row run with a template each
+            escaped = [r.replace("{", "{{").replace("}", "}}") for r in rendered]
+            run = api.map([{}], escaped, **self._options(args, schema))
+            if args.output:
+                ns[args.output] = run
+            _show_comparison_when_done(run, rendered)
+            return None
+        return self._single(args, rendered[0], schema)
+
+    def _options(self, args: argparse.Namespace, schema: Any) -> dict[str, Any]:
+        options: dict[str, Any] = {"model": args.model, "system": args.system, "temperature": args.temperature,
+                                   "max_tokens": args.max_tokens, "n": args.n, "base_url": args.base_url,
+                                   "schema": schema}
+        if args.json:
+            options["params"] = {"response_format": {"type": "json_object"}}
+        if args.no_cache:
+            options["cache"] = "refresh"
+        return options
+
+    def _schema(self, args: argparse.Namespace, ns: dict) -> Any:
+        if args.schema is None:
+            return None
+        if args.schema not in ns:
+            raise UsageError(f"%%llm: --schema {args.schema}: no such variable in the notebook")
+        return ns[args.schema]
+
+    def _frame(self, args: argparse.Namespace, ns: dict) -> Any:
+        import pandas as pd
+
+        if args.over not in ns:
+            raise UsageError(f"%%llm: --over {args.over}: no such variable in the notebook")
+        frame = ns[args.over]
+        if not isinstance(frame, pd.DataFrame):
+            raise UsageError(f"%%llm: --over {args.over} is a {type(frame).__name__}, not a DataFrame")
+        if args.sample is not None:
+            if args.sample < 1:
+                raise UsageError("%%llm: --sample needs a positive number of rows")
+            if args.sample < len(frame):
+                frame = frame.sample(n=args.sample, random_state=0).sort_index(kind="stable")
+        return frame
+
+    def _single(self, args: argparse.Namespace, prompt: str, schema: Any) -> None:
+        """One prompt: stream the answer into the output; bind ``-o`` when it ends."""
+        endpoint = resolve_endpoint(args.base_url)
+        model = args.model or defaults.model
+        system = args.system if args.system is not None else defaults.system
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        body: dict[str, Any] = {"model": model, "max_tokens": args.max_tokens or defaults.max_tokens}
+        if args.temperature is not None:
+            body["temperature"] = args.temperature
+        if args.n > 1:
+            body["n"] = args.n
+        parsed_schema = Schema(schema) if schema is not None else None
+        if parsed_schema is not None:
+            body["response_format"] = parsed_schema.response_format()
+        elif args.json:
+            body["response_format"] = {"type": "json_object"}
+        body["messages"] = messages
+        view = _StreamView(args.n)
+        cache = api.open_cache() if defaults.cache != "off" else None
+        key = request_key(endpoint.base_url, body)
+        if cache is not None and not args.no_cache:
+            hit = cache.get_many([key]).get(key)
+            if hit is not None:
+                texts = hit.content if isinstance(hit.content, list) else [hit.content]
+                view.update(texts, final=True, note="from cache")
+                self._bind(args, texts, parsed_schema)
+                record_usage(model, cached=1)
+                return
+
+        async def go() -> None:
+            started = time.monotonic()
+            try:
+                result = await stream_chat(endpoint, body, view.update, timeout=defaults.timeout)
+            except NbparrotError as exc:
+                view.fail(str(exc))
+                return
+            record_usage(model, requests=1, prompt_tokens=result.prompt_tokens,
+                         completion_tokens=result.completion_tokens)
+            cost = cost_of(model, result.prompt_tokens, result.completion_tokens)
+            note = (f"{result.prompt_tokens + result.completion_tokens:,} tokens · "
+                    f"{'cost unknown' if cost is None else f'${cost:,.5f}'} · {time.monotonic() - started:.1f}s")
+            view.update(result.texts, final=True, note=note)
+            if self._bind(args, result.texts, parsed_schema, view) and cache is not None:
+                content = result.texts if args.n > 1 else result.texts[0]
+                finish = result.finish_reasons if args.n > 1 else result.finish_reasons[0]
+                cache.put(key, CachedAnswer(content, finish, result.prompt_tokens, result.completion_tokens, model))
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # the IPython terminal: no loop runs the cell, so wait here
+            asyncio.run(go())
+            return
+        task = loop.create_task(go())
+        _tasks.add(task)
+        task.add_done_callback(_tasks.discard)
+
+    def _bind(self, args: argparse.Namespace, texts: list[str], schema: Schema | None,
+              view: "_StreamView | None" = None) -> bool:
+        """Bind ``-o`` to the text(s), or parsed JSON; False (and a note) if the JSON does not parse."""
+        values: list[Any] = list(texts)
+        if schema is not None or args.json:
+            try:
+                values = [schema.parse(t) if schema is not None else json.loads(t) for t in texts]
+            except ValueError as exc:
+                if view is not None:
+                    view.fail(f"the answer is not usable JSON: {exc}")
+                return False
+        if args.output:
+            self.shell.user_ns[args.output] = values if args.n > 1 else values[0]
+        return True
+
+
+class _StreamView:
+    """The streamed answer in the cell's output, redrawn at most every ``_REFRESH`` seconds."""
+
+    def __init__(self, n: int):
+        self._n = n
+        self._handle = display(Markdown("*waiting for the answer…*"), display_id=True)
+        self._last = 0.0
+
+    def update(self, texts: list[str], final: bool = False, note: str = "") -> None:
+        now = time.monotonic()
+        if not final and now - self._last < _REFRESH:
+            return
+        self._last = now
+        if self._n == 1:
+            text = texts[0]
+        else:
+            text = "\n\n".join(f"**Answer {k + 1}**\n\n{t}" for k, t in enumerate(texts))
+        if note:
+            text += f"\n\n<small>{html.escape(note)}</small>"
+        self._handle.update(Markdown(text or "*(empty answer)*"))
+
+    def fail(self, message: str) -> None:
+        self._handle.update(Markdown(f"**nbparrot error:** {message}"))
+
+
+def _render(text: str, ns: dict) -> str:
+    """Fill ``{name}`` fields from the notebook's variables (plain names only), before any request."""
+    try:
+        template = Template(text)
+        template.check((k for k in ns if not k.startswith("_")), what="notebook's variables")
+    except NbparrotError as exc:
+        raise UsageError(f"%%llm: {exc}") from None
+    return template.render(ns)
+
+
+def _show_comparison_when_done(run: Run, variants: list[str]) -> None:
+    """Once the run ends, show one column per variant and tokens / cost / latency per variant."""
+    handle = display(HTML("<i>comparing variants…</i>"), display_id=True)
+
+    async def show() -> None:
+        await asyncio.wait({run._task})
+        handle.update(HTML(comparison_html(run, variants)))
+
+    task = run._loop.create_task(show())
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+
+
+def comparison_html(run: Run, variants: list[str]) -> str:
+    """Side-by-side answers (a column per variant) and a per-variant line of tokens, cost, latency."""
+    k = len(variants)
+    rows = len(run.outcomes) // k
+    answer = lambda o: (o.content if isinstance(o.content, str) else json.dumps(o.content)) if o.status == "ok" \
+        else f"[{o.status}] {o.error or ''}"  # noqa: E731
+    head = "".join(f"<th style='text-align:left'>variant {v + 1}</th>" for v in range(k))
+    body = []
+    labels = list(run.prepared.index) if run.prepared.frame is not None else [""] * rows
+    for r in range(rows):
+        cells = "".join(f"<td style='text-align:left;vertical-align:top'>{html.escape(str(answer(run.outcomes[r * k + v])))}</td>"
+                        for v in range(k))
+        body.append(f"<tr><th>{html.escape(str(labels[r]))}</th>{cells}</tr>")
+    stats = []
+    for v in range(k):
+        outs = [run.outcomes[r * k + v] for r in range(rows)]
+        tokens = sum(o.prompt_tokens + o.completion_tokens for o in outs)
+        costs = [cost_of(run.model, o.prompt_tokens, o.completion_tokens) for o in outs if not o.cached]
+        cost = None if any(c is None for c in costs) else sum(costs)
+        latencies = [o.latency for o in outs if o.latency is not None]
+        latency = f"{sum(latencies) / len(latencies):.2f}s" if latencies else "–"
+        stats.append(f"<td style='text-align:left'>{tokens:,} tokens · {'cost unknown' if cost is None else f'${cost:,.5f}'}"
+                     f" · mean latency {latency}</td>")
+    prompts = "".join(f"<td style='text-align:left'><code>{html.escape(v[:200])}</code></td>" for v in variants)
+    return (f"<table class='nbparrot-compare'><tr><th></th>{head}</tr><tr><th>prompt</th>{prompts}</tr>"
+            f"<tr><th>usage</th>{''.join(stats)}</tr>{''.join(body)}</table>")
+
+
+def _status_table() -> HTML:
+    runs = live_runs()
+    if not runs:
+        return HTML("<i>no runs going in this kernel</i>")
+    rows = "".join(
+        f"<tr><td>{r.id}</td><td>{r.status}</td><td>{r.progress.settled}/{r.progress.total}</td>"
+        f"<td>{r.progress.in_flight}</td><td>{'–' if r.cost is None else f'${r.cost:,.4f}'}</td>"
+        f"<td>{html.escape(r.label[:60])}</td></tr>" for r in runs)
+    return HTML("<table class='nbparrot-status'><tr><th>run</th><th>status</th><th>settled</th><th>in flight</th>"
+                f"<th>cost</th><th>template</th></tr>{rows}</table>")
+
+
+def _cancel(words: list[str]) -> str:
+    runs = {r.id: r for r in live_runs()}
+    if not words or words == ["all"]:
+        for run in runs.values():
+            run.cancel()
+        return f"cancelled {len(runs)} run(s)"
+    try:
+        ids = [int(w) for w in words]
+    except ValueError:
+        raise UsageError(f"%llm cancel: expected run ids or 'all', not {' '.join(words)!r}") from None
+    unknown = [i for i in ids if i not in runs]
+    if unknown:
+        raise UsageError(f"%llm cancel: no running run {unknown[0]} (running: {', '.join(map(str, runs)) or 'none'})")
+    for i in ids:
+        runs[i].cancel()
+    return f"cancelled run(s) {', '.join(map(str, ids))}"
+
+
+def _cost_table() -> HTML:
+    usage = session_usage()
+    if not usage:
+        return HTML("<i>nothing sent in this session yet</i>")
+    rows = "".join(
+        f"<tr><td>{html.escape(model)}</td><td>{u['requests']:,}</td><td>{u['prompt_tokens']:,}</td>"
+        f"<td>{u['completion_tokens']:,}</td><td>{u['cached']:,}</td>"
+        f"<td>{'unknown' if u['cost'] is None else f'${u['cost']:,.4f}'}</td></tr>" for model, u in usage.items())
+    return HTML("<table class='nbparrot-cost'><tr><th>model</th><th>requests</th><th>prompt tokens</th>"
+                f"<th>completion tokens</th><th>cached answers</th><th>cost</th></tr>{rows}</table>")
+
+
+def _models(base_url: str | None) -> list[str]:
+    import urllib.error
+    import urllib.request
+
+    endpoint = resolve_endpoint(base_url)
+    request = urllib.request.Request(endpoint.base_url + "/models", headers=endpoint.headers())
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}) if _is_loopback(endpoint.base_url)
+                                         else urllib.request.ProxyHandler())
+    try:
+        with opener.open(request, timeout=30) as response:
+            data = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        raise UsageError(f"%llm models: {exc.code} from {endpoint.base_url}/models") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise UsageError(f"%llm models: cannot reach {endpoint.base_url} ({exc})") from None
+    return sorted(m.get("id", "") for m in data.get("data", []))
+
+
+def _is_loopback(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1")
+
+
+def _cache(words: list[str]) -> Any:
+    cache = api.open_cache()
+    if words == ["info"] or not words:
+        return cache.info()
+    if words == ["clear"]:
+        return f"removed {cache.clear()} cached answers from {cache.path}"
+    raise UsageError(f"%llm cache: expected 'info' or 'clear', not {shlex.join(words)!r}")
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext nbparrot``: register the magics (and their ``%config`` traits)."""
+    magics = NbparrotMagics(shell=ipython)
+    ipython.register_magics(magics)
+    if magics not in ipython.configurables:
+        ipython.configurables.append(magics)

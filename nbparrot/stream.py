@@ -1,0 +1,119 @@
+"""One chat completion, streamed: the text arrives as it is generated (for ``%%llm``).
+
+Server-sent events (``stream=true`` with ``stream_options.include_usage``) are read line by
+line; every content delta is handed to ``on_text`` with the text so far. Transient failures
+before the first delta (connection errors, 429, 5xx) are retried a few times, honouring
+``retry-after``; fatal ones raise the same errors as a batch does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from typing import Any, Callable
+
+import aiohttp
+
+from .config import Endpoint
+from .errors import (
+    AuthenticationError,
+    FatalError,
+    ModelNotFoundError,
+    NbparrotError,
+    PermissionDeniedError,
+    QuotaExceededError,
+    error_fields,
+)
+from .ratelimit import retry_after_seconds
+from .transport import TRANSIENT_ERRORS
+
+__all__ = ["StreamResult", "stream_chat"]
+
+_FATAL = {401: AuthenticationError, 403: PermissionDeniedError, 404: ModelNotFoundError}
+
+
+class StreamResult:
+    """The streamed answer: texts per choice, finish reasons and usage."""
+
+    __slots__ = ("texts", "finish_reasons", "prompt_tokens", "completion_tokens")
+
+    def __init__(self, n: int):
+        self.texts = [""] * n
+        self.finish_reasons: list[Any] = [None] * n
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+
+async def stream_chat(endpoint: Endpoint, body: dict, on_text: Callable[[list[str]], None], *,
+                      timeout: float = 120.0, attempts: int = 4) -> StreamResult:
+    """Send ``body`` with streaming on; ``on_text(texts)`` is called as deltas arrive."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    data = json.dumps(body).encode()
+    n = int(body.get("n") or 1)
+    client_timeout = aiohttp.ClientTimeout(total=timeout, connect=min(10.0, timeout))
+    async with aiohttp.ClientSession(headers=endpoint.headers(), timeout=client_timeout) as session:
+        for attempt in range(1, attempts + 1):
+            result = StreamResult(n)
+            wait = None
+            try:
+                async with session.post(endpoint.chat_url, data=data) as response:
+                    if response.status != 200:
+                        raw = await response.read()
+                        wait = _check(response.status, response.headers, raw, endpoint)
+                    else:
+                        await _read_events(response, result, on_text)
+                        return result
+            except TRANSIENT_ERRORS as exc:
+                if any(result.texts):  # part of the answer was shown: do not silently start over
+                    raise NbparrotError(f"the stream broke off: {type(exc).__name__}: {exc}") from None
+                wait = None
+                last = exc
+            else:
+                last = None
+            if attempt == attempts:
+                break
+            await asyncio.sleep(wait if wait is not None else random.uniform(0, 2 ** attempt * 0.5))
+        raise NbparrotError(f"no answer from {endpoint.base_url} after {attempts} attempts"
+                            + (f" ({type(last).__name__}: {last})" if last else ""))
+
+
+def _check(status: int, headers: Any, raw: bytes, endpoint: Endpoint) -> float | None:
+    """Raise for answers that cannot be retried; return how long to wait before the next try."""
+    message, code, kind = error_fields(raw, endpoint.api_key)
+    where = f"{status} from {endpoint.base_url}"
+    if status == 429 and "insufficient_quota" in (code, kind):
+        raise QuotaExceededError(f"{where}: no quota left ({message})", status=status, code=code)
+    if status in _FATAL:
+        raise _FATAL[status](f"{where}: {message}", status=status, code=code)
+    if status == 429 or status in (408, 409) or status >= 500:
+        return retry_after_seconds(headers, message)
+    raise FatalError(f"{where}: {code + ': ' if code else ''}{message}", status=status, code=code)
+
+
+async def _read_events(response: aiohttp.ClientResponse, result: StreamResult,
+                       on_text: Callable[[list[str]], None]) -> None:
+    async for line in response.content:
+        if not line.startswith(b"data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            break
+        event = json.loads(payload)
+        usage = event.get("usage")
+        if usage:
+            result.prompt_tokens = usage.get("prompt_tokens") or 0
+            result.completion_tokens = usage.get("completion_tokens") or 0
+        changed = False
+        for choice in event.get("choices") or ():
+            index = choice.get("index", 0)
+            if index >= len(result.texts):
+                continue
+            delta = (choice.get("delta") or {}).get("content")
+            if delta:
+                result.texts[index] += delta
+                changed = True
+            if choice.get("finish_reason"):
+                result.finish_reasons[index] = choice["finish_reason"]
+        if changed:
+            on_text(result.texts)
