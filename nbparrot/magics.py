@@ -32,7 +32,7 @@ from . import api
 from .cache import CachedAnswer, request_key
 from .config import configure, defaults, resolve_endpoint
 from .errors import NbparrotError
-from .pricing import cost_of
+from .pricing import cost_of, format_usd
 from .run import Run, live_runs, record_usage, session_usage
 from .stream import stream_chat
 from .structured import Schema
@@ -218,7 +218,7 @@ class NbparrotMagics(Magics):
                          completion_tokens=result.completion_tokens)
             cost = cost_of(model, result.prompt_tokens, result.completion_tokens)
             note = (f"{result.prompt_tokens + result.completion_tokens:,} tokens · "
-                    f"{'cost unknown' if cost is None else f'${cost:,.5f}'} · {time.monotonic() - started:.1f}s")
+                    f"{format_usd(cost, 5)} · {time.monotonic() - started:.1f}s")
             view.update(result.texts, final=True, note=note)
             if self._bind(args, result.texts, parsed_schema, view) and cache is not None:
                 content = result.texts if args.n > 1 else result.texts[0]
@@ -319,7 +319,7 @@ def comparison_html(run: Run, variants: list[str]) -> str:
         cost = None if any(c is None for c in costs) else sum(costs)
         latencies = [o.latency for o in outs if o.latency is not None]
         latency = f"{sum(latencies) / len(latencies):.2f}s" if latencies else "–"
-        stats.append(f"<td style='text-align:left'>{tokens:,} tokens · {'cost unknown' if cost is None else f'${cost:,.5f}'}"
+        stats.append(f"<td style='text-align:left'>{tokens:,} tokens · {format_usd(cost, 5)}"
                      f" · mean latency {latency}</td>")
     prompts = "".join(f"<td style='text-align:left'><code>{html.escape(v[:200])}</code></td>" for v in variants)
     return (f"<table class='nbparrot-compare'><tr><th></th>{head}</tr><tr><th>prompt</th>{prompts}</tr>"
@@ -332,7 +332,7 @@ def _status_table() -> HTML:
         return HTML("<i>no runs going in this kernel</i>")
     rows = "".join(
         f"<tr><td>{r.id}</td><td>{r.status}</td><td>{r.progress.settled}/{r.progress.total}</td>"
-        f"<td>{r.progress.in_flight}</td><td>{'–' if r.cost is None else f'${r.cost:,.4f}'}</td>"
+        f"<td>{r.progress.in_flight}</td><td>{format_usd(r.cost)}</td>"
         f"<td>{html.escape(r.label[:60])}</td></tr>" for r in runs)
     return HTML("<table class='nbparrot-status'><tr><th>run</th><th>status</th><th>settled</th><th>in flight</th>"
                 f"<th>cost</th><th>template</th></tr>{rows}</table>")
@@ -363,7 +363,7 @@ def _cost_table() -> HTML:
     rows = "".join(
         f"<tr><td>{html.escape(model)}</td><td>{u['requests']:,}</td><td>{u['prompt_tokens']:,}</td>"
         f"<td>{u['completion_tokens']:,}</td><td>{u['cached']:,}</td>"
-        f"<td>{'unknown' if u['cost'] is None else f'${u['cost']:,.4f}'}</td></tr>" for model, u in usage.items())
+        f"<td>{format_usd(u['cost'])}</td></tr>" for model, u in usage.items())
     return HTML("<table class='nbparrot-cost'><tr><th>model</th><th>requests</th><th>prompt tokens</th>"
                 f"<th>completion tokens</th><th>cached answers</th><th>cost</th></tr>{rows}</table>")
 

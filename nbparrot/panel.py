@@ -15,6 +15,8 @@ import sys
 from collections import deque
 from typing import TYPE_CHECKING, Any, TextIO
 
+from .pricing import format_usd
+
 if TYPE_CHECKING:  # pragma: no cover
     from .run import Run
 
@@ -112,10 +114,6 @@ def snapshot(run: "Run", rates: _Rates | None = None) -> dict[str, Any]:
     }
 
 
-def _cost_text(cost: float | None) -> str:
-    return "cost unknown" if cost is None else f"${cost:,.4f}"
-
-
 class _Ticker:
     """Calls ``refresh`` every ``interval`` seconds on the run's loop until the run ends."""
 
@@ -169,7 +167,7 @@ class TextLine(_Ticker):
             if s[key]:
                 parts.append(f"{s[key]} {key.replace('_', ' ')}")
         parts.append(f"{_fmt_int(s['tokens'])} tok")
-        parts.append(_cost_text(s["cost"]))
+        parts.append(format_usd(s["cost"]))
         parts.append(_fmt_secs(s["elapsed"]))
         if s["eta"] is not None:
             parts.append(f"ETA {_fmt_secs(s['eta'])}")
@@ -233,8 +231,8 @@ class Panel(_Ticker):
         stop = w.Button(description="Cancel", button_style="", icon="times")
         go.on_click(lambda _b: run.confirm(True))
         stop.on_click(lambda _b: run.confirm(False))
-        question = w.HTML(f"<b>This run may cost up to {_cost_text(run.estimate.max_cost)}</b> "
-                          f"(~{_cost_text(run.estimate.expected_cost)} expected): send it?")
+        question = w.HTML(f"<b>This run may cost up to {format_usd(run.estimate.max_cost)}</b> "
+                          f"(~{format_usd(run.estimate.expected_cost)} expected): send it?")
         self.question = w.HBox([question, go, stop])
         self.question.add_class("nbparrot-confirm")
         self.box.children = (self.question, *self.box.children)
@@ -288,9 +286,9 @@ class Panel(_Ticker):
                 rate += f" · 429s <b>{s['rate_limited']}</b>"
         oldest = f" · oldest in flight {_fmt_secs(s['oldest'])}" if s["oldest"] is not None else ""
         eta = f" · ETA {_fmt_secs(s['eta'])}" if s["eta"] is not None else ""
-        projected = f" (projected total {_cost_text(s['projected'])})" if s["projected"] is not None else ""
+        projected = f" (projected total {format_usd(s['projected'])})" if s["projected"] is not None else ""
         return (f"<span class='nbparrot-counts'>{counts}</span>{rate}<br>"
-                f"tokens <b>{s['tokens']:,}</b> · {_cost_text(s['cost'])}{projected} · "
+                f"tokens <b>{s['tokens']:,}</b> · {format_usd(s['cost'])}{projected} · "
                 f"elapsed {_fmt_secs(s['elapsed'])}{eta}{oldest}")
 
     def close(self) -> None:

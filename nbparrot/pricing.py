@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-__all__ = ["Price", "PRICES", "BATCH_DISCOUNT", "price_of", "set_price", "cost_of", "Estimate", "estimate"]
+__all__ = ["Price", "PRICES", "BATCH_DISCOUNT", "price_of", "set_price", "cost_of", "Estimate", "estimate", "format_usd"]
 
 
 class Price(NamedTuple):
@@ -83,7 +83,13 @@ class Estimate(NamedTuple):
         tokens = f"{self.prompt_tokens:,} prompt + up to {self.max_completion_tokens:,} completion tokens"
         if self.max_cost is None:
             return f"{self.requests:,} requests, {tokens}, cost unknown (no price for this model)"
-        return f"{self.requests:,} requests, {tokens}: ~${self.expected_cost:,.4f} expected, at most ${self.max_cost:,.4f}"
+        return (f"{self.requests:,} requests, {tokens}: ~{format_usd(self.expected_cost)} expected, "
+                f"at most {format_usd(self.max_cost)}")
+
+
+def format_usd(cost: float | None, digits: int = 4) -> str:
+    """``$0.0123``, or "cost unknown" when the price is not known."""
+    return "cost unknown" if cost is None else f"${cost:,.{digits}f}"
 
 
 def estimate(model: str, requests: int, prompt_tokens: int, max_completion_tokens: int) -> Estimate:

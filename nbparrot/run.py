@@ -21,7 +21,7 @@ from typing import Any, Callable
 from .batch import Prepared
 from .engine import CANCELLED, FAILED, SKIPPED, Engine
 from .errors import ConfigError, NbparrotError, RunCancelledError, RunNotFinishedError
-from .pricing import cost_of
+from .pricing import cost_of, format_usd
 
 __all__ = ["Run", "live_runs", "record_usage", "session_usage"]
 
@@ -320,8 +320,7 @@ class Run:
             if count:
                 parts.append(f"{count} {name}")
         parts.append(f"{p.prompt_tokens + p.completion_tokens:,} tokens")
-        cost = self.cost
-        parts.append("cost unknown" if cost is None else f"${cost:,.4f}")
+        parts.append(format_usd(self.cost))
         if p.started is not None and p.finished is not None:
             parts.append(f"{p.finished - p.started:.1f}s")
         return ", ".join(parts)

@@ -61,7 +61,8 @@ class Template:
         have = set(available)
         unknown = [f for f in self.fields if f not in have]
         if unknown:
-            listed = ", ".join(sorted(map(str, have))) or "(none)"
+            names_ = sorted(map(str, have))
+            listed = ", ".join(names_[:40]) + (f", ... ({len(names_) - 40} more)" if len(names_) > 40 else "") or "(none)"
             names = ", ".join(f"{{{f}}}" for f in unknown)
             raise TemplateError(f"template {self.text!r} uses {names}, which is not among the {what}: {listed}")
 

@@ -1,0 +1,136 @@
+"""``%%llm`` / ``%llm`` in a real kernel: streaming after the cell returned, -o, --over, compare, status."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import KernelHarness, kernel_python, kernel_version_params, wait_until  # noqa: E402
+
+from nbparrot.server import expected_tag  # noqa: E402
+
+KEY = "sk-magic-test-key-0123456789"
+
+
+@pytest.fixture(params=kernel_version_params())
+def kernel(request, tmp_path, make_server):
+    server = make_server(latency_ms=30, per_token_ms=15, completion_tokens=40)
+    python = kernel_python(request.param)
+    env = {"NBPARROT_CACHE_DIR": str(tmp_path / "cache"), "OPENAI_API_KEY": KEY}
+    with KernelHarness(python=python, cwd=str(tmp_path), env=env) as k:
+        k.execute(f"%load_ext nbparrot\n%config NbparrotMagics.base_url = {server.base_url!r}", check=True)
+        k.server = server
+        yield k
+
+
+def display_updates(kernel: KernelHarness, cell) -> list[tuple[float, dict]]:
+    """Updates of the displays a cell created, matched by display_id as a frontend does.
+
+    (On ipykernel 6 output sent by a background task after another request carries that
+    request's parent header, so the display_id, not the parent, ties an update to its cell.)
+    """
+    ids = {m["content"].get("transient", {}).get("display_id") for _, m in kernel.iopub_messages()
+           if m["msg_type"] == "display_data" and m["parent_header"].get("msg_id") == cell.msg_id}
+    return [(t, m["content"]) for t, m in kernel.iopub_messages()
+            if m["msg_type"] == "update_display_data" and m["content"].get("transient", {}).get("display_id") in ids]
+
+
+def test_one_prompt_streams_into_the_output_after_the_cell_returned(kernel):
+    cell = kernel.execute("topic = 'owls'\n", check=True)
+    cell = kernel.execute("%%llm -o answer\nTell me about {topic}.", check=True)
+    wait_until(lambda: kernel.eval("'answer' in globals()"), timeout=30, message="-o was never bound")
+    answer = kernel.eval("answer")
+    assert answer.startswith(f"[{expected_tag([{'role': 'user', 'content': 'Tell me about owls.'}])}]")
+    updates = display_updates(kernel, cell)
+    assert len([t for t, _ in updates if t > cell.reply_time]) >= 2, "the answer should arrive in pieces, after the reply"
+    final = updates[-1][1]["data"]["text/markdown"]
+    assert final.startswith(answer) and "tokens" in final
+
+
+def test_json_output_and_the_cache(kernel):
+    kernel.execute("thing = 'a kettle'", check=True)
+    kernel.execute("%%llm --json -o data\nDescribe {thing} as JSON.", check=True)
+    wait_until(lambda: kernel.eval("'data' in globals()"), timeout=30, message="-o was never bound")
+    assert sorted(kernel.eval("data")) == ["choice", "echo", "tag", "text"]
+    requests = kernel.server.stats()["requests"]
+    kernel.execute("%%llm --json -o again\nDescribe {thing} as JSON.", check=True)
+    assert kernel.eval("again == data") and kernel.server.stats()["requests"] == requests  # answered from the cache
+
+
+def test_mistakes_give_a_short_message_and_send_nothing(kernel):
+    cases = {
+        "%%llm\nHello {nobody_defined_this}": "nobody_defined_this",
+        "%%llm --temperature hot\nHi": "temperature",
+        "%%llm --over no_such_df -o r\nSay {text}": "no_such_df",
+        "x = 3\n": None,
+        "%%llm --over x -o r\nSay {text}": "not a DataFrame",
+        "%%llm\n\n": "the cell is empty",
+        "%llm frobnicate": "unknown command",
+        "%llm cancel 999": "no running run 999",
+    }
+    for code, needle in cases.items():
+        result = kernel.execute(code)
+        if needle is None:
+            continue
+        assert result.error is not None and result.error.ename == "UsageError", (code, result.error)
+        assert needle in result.error.evalue and "Traceback" not in result.error.text, code
+    assert kernel.server.stats()["requests"] == 0
+
+
+def test_over_a_dataframe_binds_a_run_at_once(kernel):
+    kernel.execute("import pandas as pd\ndf = pd.DataFrame({'text': [f'row {i}' for i in range(40)]})", check=True)
+    result = kernel.execute("%%llm --over df --sample 5 -o run\nSay {text}", check=True)
+    assert kernel.eval("type(run).__name__") == "Run"
+    assert kernel.find_widgets("FloatProgress")
+    out = kernel.execute("res = await run\nprint(len(res), res.notna().sum(), list(res.index) == sorted(res.index))",
+                         check=True, timeout=60)
+    assert out.stdout == "5 5 True\n" and result.status == "ok"
+
+
+def test_compare_variants_side_by_side(kernel):
+    kernel.execute("import pandas as pd\ndf = pd.DataFrame({'text': ['a', 'b', 'c', 'd']})", check=True)
+    cell = kernel.execute("%%llm --over df --sample 3 -o cmp\nSay {text}\n---\nShout {text}!", check=True)
+
+    def table():
+        for _, content in display_updates(kernel, cell):
+            html = content["data"].get("text/html", "")
+            if "nbparrot-compare" in html:
+                return html
+        return None
+
+    html = wait_until(table, timeout=30, message="no comparison table")
+    assert "variant 1" in html and "variant 2" in html and "mean latency" in html and "tokens" in html
+    assert html.count("<tr>") == 3 + 3  # header, prompts, usage, and one row per sampled row
+    assert html.count("#0] Say ") == 3 and html.count("#0] Shout ") == 3  # one answer per row and variant
+
+
+def test_status_cancel_cost_models_and_cache(kernel):
+    kernel.server  # noqa: B018 - the fixture's server answers these
+    kernel.execute("import pandas as pd\nbig = pd.DataFrame({'text': [f'row {i}' for i in range(2000)]})\n"
+                   "%config NbparrotMagics.concurrency = 2", check=True)
+    kernel.execute("%%llm --over big -o slow\nSay {text}", check=True)
+    status = kernel.execute("%llm status", check=True).execute_result["text/html"]
+    assert "nbparrot-status" in status and "running" in status
+    assert kernel.execute("%llm cancel all", check=True).text == "'cancelled 1 run(s)'"
+    kernel.execute("import asyncio\nawait asyncio.wait({slow._task})", check=True)
+    assert kernel.eval("slow.status") == "cancelled"
+    cost = kernel.execute("%llm cost", check=True).execute_result["text/html"]
+    assert "gpt-4o-mini" in cost and "$" in cost
+    assert "gpt-4o-mini" in kernel.execute("%llm models", check=True).text
+    info = kernel.execute("%llm cache info", check=True).text
+    assert "entries" in info and KEY not in info
+    assert "removed" in kernel.execute("%llm cache clear", check=True).text
+    kernel.execute("%config NbparrotMagics.model = 'gpt-4.1-mini'", check=True)
+    assert kernel.eval("__import__('nbparrot').defaults.model") == "gpt-4.1-mini"
+
+
+def test_import_registers_the_magics_in_a_kernel(tmp_path):
+    with KernelHarness(cwd=str(tmp_path), env={"NBPARROT_CACHE_DIR": str(tmp_path)}) as k:
+        assert k.execute("%llm status").error is not None  # not loaded yet
+        k.execute("import nbparrot", check=True)
+        assert "no runs" in k.execute("%llm status", check=True).execute_result["text/html"]
+        assert "Cell form" in k.execute("%llm?").text or k.execute("print(nbparrot.magics.NbparrotMagics.llm.__doc__)").stdout
