@@ -133,7 +133,7 @@ def test_result_before_the_end_says_to_await_and_column_assignment_is_refused(ke
     kernel.execute("run.cancel()", check=True)
 
 
-@pytest.mark.parametrize("name", ["quickstart", "extraction"])
+@pytest.mark.parametrize("name", ["quickstart", "extraction", "prompt_iteration"])
 def test_example_notebooks_pass_run_all(kernel, name):
     """Every cell queued at once, as Run All does: cells after the background run and the await all answer."""
     import nbformat
@@ -147,6 +147,9 @@ def test_example_notebooks_pass_run_all(kernel, name):
         assert result.status == "ok", (source, result.error and result.error.text)
     if name == "quickstart":
         assert kernel.eval("int(df['sentiment'].notna().sum())") == 200
+    elif name == "prompt_iteration":
+        assert kernel.eval("[int(reviews['sentiment'].notna().sum()), trial.status, compared.status]") == \
+            [300, "finished", "finished"]
     else:
         assert kernel.eval("[int(contacts['seniority'].notna().sum()), len(qa) > 4, sorted(set(qa['title']))]") == \
             [3, True, ["Bees", "Owls"]]
