@@ -6,7 +6,7 @@ from typing import Any, Mapping, Sequence
 
 from pathlib import Path
 
-from .batch import prepare
+from .prepare import prepare
 from .cache import Cache, default_cache_dir
 from .config import defaults, resolve_endpoint
 from .engine import Engine, EngineSettings

@@ -26,15 +26,12 @@ from typing import Any, Callable, Mapping, Sequence
 from .cache import Cache, CachedAnswer, request_key
 from .config import Endpoint
 from .errors import (
-    AuthenticationError,
     BudgetExceededError,
     ConfigError,
     EndpointUnreachableError,
     FatalError,
-    ModelNotFoundError,
-    PermissionDeniedError,
-    QuotaExceededError,
     error_fields,
+    fatal_error,
 )
 from .pricing import Estimate, cost_of, estimate, price_of
 from .ratelimit import Pacer, retry_after_seconds
@@ -451,16 +448,9 @@ class Engine:
 
     def _error(self, row: int, status: int, headers: Mapping[str, str], raw: bytes) -> None:
         message, code, kind = error_fields(raw, self.endpoint.api_key)
-        where = f"{status} from {self.endpoint.base_url}"
-        if status == 429 and code == "insufficient_quota" or kind == "insufficient_quota":
-            return self._stop_run(QuotaExceededError(f"{where}: no quota left ({message})", status=status, code=code))
-        if status == 401:
-            return self._stop_run(AuthenticationError(f"{where}: the API key was refused ({message})", status=status, code=code))
-        if status == 403:
-            return self._stop_run(PermissionDeniedError(f"{where}: permission denied ({message})", status=status, code=code))
-        if status == 404:
-            hint = message or f"check base_url: {self.endpoint.chat_url} was not found"
-            return self._stop_run(ModelNotFoundError(f"{where}: {hint}", status=status, code=code))
+        fatal = fatal_error(status, message, code, kind, f"{status} from {self.endpoint.chat_url}")
+        if fatal is not None:
+            return self._stop_run(fatal)
         if status == 429:
             if "too large" in message.lower():
                 return self._fail(row, f"429 request too large: {message}")

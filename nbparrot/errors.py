@@ -26,6 +26,7 @@ __all__ = [
     "RunCancelledError",
     "redact",
     "error_fields",
+    "fatal_error",
 ]
 
 
@@ -109,3 +110,16 @@ def error_fields(raw: bytes, secret: str | None) -> tuple[str, str | None, str |
     if text.lstrip().startswith("<"):  # an HTML error page from a proxy
         text = "non-JSON error page"
     return redact(text, secret), None, None
+
+
+def fatal_error(status: int, message: str, code: str | None, kind: str | None, where: str) -> FatalError | None:
+    """The run-stopping error for an HTTP answer (bad key, no permission, unknown model, no quota), if it is one."""
+    if status == 429 and "insufficient_quota" in (code, kind):
+        return QuotaExceededError(f"{where}: no quota left ({message})", status=status, code=code)
+    if status == 401:
+        return AuthenticationError(f"{where}: the API key was refused ({message})", status=status, code=code)
+    if status == 403:
+        return PermissionDeniedError(f"{where}: permission denied ({message})", status=status, code=code)
+    if status == 404:
+        return ModelNotFoundError(f"{where}: {message or 'not found (is base_url right?)'}", status=status, code=code)
+    return None

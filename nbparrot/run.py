@@ -18,7 +18,7 @@ import threading
 import warnings
 from typing import Any, Callable
 
-from .batch import Prepared
+from .prepare import Prepared
 from .engine import CANCELLED, FAILED, SKIPPED, Engine
 from .errors import ConfigError, NbparrotError, RunCancelledError, RunNotFinishedError
 from .pricing import cost_of, format_usd

@@ -16,22 +16,11 @@ from typing import Any, Callable
 import aiohttp
 
 from .config import Endpoint
-from .errors import (
-    AuthenticationError,
-    FatalError,
-    ModelNotFoundError,
-    NbparrotError,
-    PermissionDeniedError,
-    QuotaExceededError,
-    error_fields,
-)
+from .errors import FatalError, NbparrotError, error_fields, fatal_error
 from .ratelimit import retry_after_seconds
 from .transport import TRANSIENT_ERRORS
 
 __all__ = ["StreamResult", "stream_chat"]
-
-_FATAL = {401: AuthenticationError, 403: PermissionDeniedError, 404: ModelNotFoundError}
-
 
 class StreamResult:
     """The streamed answer: texts per choice, finish reasons and usage."""
@@ -82,10 +71,9 @@ def _check(status: int, headers: Any, raw: bytes, endpoint: Endpoint) -> float |
     """Raise for answers that cannot be retried; return how long to wait before the next try."""
     message, code, kind = error_fields(raw, endpoint.api_key)
     where = f"{status} from {endpoint.base_url}"
-    if status == 429 and "insufficient_quota" in (code, kind):
-        raise QuotaExceededError(f"{where}: no quota left ({message})", status=status, code=code)
-    if status in _FATAL:
-        raise _FATAL[status](f"{where}: {message}", status=status, code=code)
+    fatal = fatal_error(status, message, code, kind, where)
+    if fatal is not None:
+        raise fatal
     if status == 429 or status in (408, 409) or status >= 500:
         return retry_after_seconds(headers, message)
     raise FatalError(f"{where}: {code + ': ' if code else ''}{message}", status=status, code=code)
