@@ -497,6 +497,58 @@ def _int_param(body: dict, key: str, minimum: int, maximum: int | None = None) -
     return value
 
 
+class _ChatRequest:
+    """A checked chat completion request: the prompt, then the options :meth:`_MockServer.parse_options` reads."""
+
+    __slots__ = ("model", "prompt_text", "last_user", "digest", "tag", "ptoks", "n", "max_tokens", "fmt", "schema",
+                 "greedy")
+
+    def __init__(self, model: str, prompt_text: str, chars: int, last_user: str) -> None:
+        """Derive the tag and prompt tokens from the prompt; options start at their defaults."""
+        self.model = model
+        self.prompt_text = prompt_text
+        self.last_user = last_user
+        self.digest = _digest(prompt_text)
+        self.tag = self.digest[:12]
+        self.ptoks = (chars + 3) // 4
+        self.n = 1
+        self.max_tokens: int | None = None
+        self.fmt = "text"
+        self.schema: dict = {}
+        self.greedy = False
+
+
+def _usage(ptoks: int, ctoks: int) -> dict:
+    """The ``usage`` object of a chat completion."""
+    return {
+        "prompt_tokens": ptoks,
+        "completion_tokens": ctoks,
+        "total_tokens": ptoks + ctoks,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                      "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
+    }
+
+
+def _completion(completion_id: str, created: int, model: str, contents: list[str], finishes: list[str],
+                usage: dict) -> dict:
+    """A ``chat.completion`` object with one choice per content."""
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {"index": i, "message": {"role": "assistant", "content": content, "refusal": None, "annotations": []},
+             "logprobs": None, "finish_reason": finish}
+            for i, (content, finish) in enumerate(zip(contents, finishes))
+        ],
+        "usage": usage,
+        "service_tier": "default",
+        "system_fingerprint": "fp_nbparrot",
+    }
+
+
 class _MockServer:
     """State and handlers of one mock server app."""
 
@@ -570,6 +622,111 @@ class _MockServer:
         return (f"Incorrect API key provided: {_mask_key(key)}. You can find your API key at "
                 "https://platform.openai.com/account/api-keys.")
 
+    # ---- the chat answer, shared by /v1/chat/completions and batch lines
+
+    def parse_prompt(self, body: Any) -> _ChatRequest:
+        """Check the body's shape, model and messages (raise :class:`_Reject`); the prompt's tag is known after."""
+        if not isinstance(body, dict):
+            raise _Reject(400, "The request body must be a JSON object.", "invalid_request_error", None)
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise _Reject(400, "you must provide a model parameter", "invalid_request_error", None)
+        if model not in self.models:
+            raise _Reject(404, f"The model `{model}` does not exist or you do not have access to it.",
+                          "invalid_request_error", "model_not_found")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            if messages is None:
+                raise _Reject(400, "Missing required parameter: 'messages'.", "invalid_request_error",
+                              "missing_required_parameter", "messages")
+            raise _Reject(400, "Invalid 'messages': expected a non-empty array of message objects.",
+                          "invalid_request_error", "invalid_value", "messages")
+        for k, message in enumerate(messages):
+            if not isinstance(message, dict) or "role" not in message:
+                raise _Reject(400, f"Invalid 'messages[{k}]': expected an object with a 'role'.",
+                              "invalid_request_error", "invalid_value", f"messages[{k}]")
+        return _ChatRequest(model, *_prompt_parts(messages))
+
+    def parse_options(self, body: dict, req: _ChatRequest) -> None:
+        """Read n, max tokens, response_format and temperature into ``req``; check the context window."""
+        cfg = self.config
+        req.n = _int_param(body, "n", 1, 128) or 1
+        max_tokens = _int_param(body, "max_completion_tokens", 1)
+        if max_tokens is None:
+            max_tokens = _int_param(body, "max_tokens", 1)
+        req.max_tokens = max_tokens
+        response_format = body.get("response_format")
+        if response_format is not None:
+            fmt = response_format.get("type") if isinstance(response_format, dict) else None
+            if fmt not in ("text", "json_object", "json_schema"):
+                raise _Reject(400, "Invalid 'response_format.type': expected one of 'text', 'json_object', "
+                              "'json_schema'.", "invalid_request_error", "invalid_value", "response_format.type")
+            if fmt == "json_schema" and not cfg.json_schema:
+                raise _Reject(400, "response_format of type 'json_schema' is not supported by this server; "
+                              "use 'json_object'.", "invalid_request_error", "invalid_value", "response_format")
+            if fmt == "json_schema":
+                spec = response_format.get("json_schema")
+                schema = spec.get("schema") if isinstance(spec, dict) else None
+                if not isinstance(schema, dict):
+                    raise _Reject(400, "Missing required parameter: 'response_format.json_schema.schema'.",
+                                  "invalid_request_error", "missing_required_parameter",
+                                  "response_format.json_schema")
+                req.schema = schema
+            req.fmt = fmt
+        req.greedy = body.get("temperature") == 0  # at temperature 0 every choice is the same answer, as in practice
+        ptoks = req.ptoks
+        total = ptoks + (max_tokens or 0)
+        if ptoks > cfg.context_window or (max_tokens is not None and total > cfg.context_window):
+            if max_tokens is None:
+                detail = (f"However, your messages resulted in {ptoks} tokens. "
+                          "Please reduce the length of the messages.")
+            else:
+                detail = (f"However, you requested {total} tokens ({ptoks} in the messages, {max_tokens} in the "
+                          "completion). Please reduce the length of the messages or completion.")
+            raise _Reject(400, f"This model's maximum context length is {cfg.context_window} tokens. {detail}",
+                          "invalid_request_error", "context_length_exceeded", "messages")
+
+    def answer(self, req: _ChatRequest) -> tuple[list[str], list[str], list[int]]:
+        """The deterministic (contents, finish reasons, completion tokens) of each of ``req``'s n choices."""
+        cfg = self.config
+        tag, fmt, schema, last_user, max_tokens = req.tag, req.fmt, req.schema, req.last_user, req.max_tokens
+        not_json = NOT_JSON_MARKER in req.prompt_text or NOT_JSON_ONCE_MARKER in last_user
+        echo = " ".join(last_user[:96].split())[:48]
+        seed = int(req.digest[12:20], 16)
+        contents: list[str] = []
+        finishes: list[str] = []
+        counts: list[int] = []
+        ct, ct_max = cfg.completion_tokens, cfg.completion_tokens_max
+        for i in range(req.n):
+            tokens = ct if ct_max is None else ct + (seed + i * 7919) % (ct_max - ct + 1)
+            finish = "stop"
+            if max_tokens is not None and tokens > max_tokens:
+                tokens, finish = max_tokens, "length"
+            label = f"{tag}#{0 if req.greedy else i}"
+            if fmt == "text" or not_json:
+                prefix = f"[{label}] {echo} "
+                content = prefix + _filler(tokens * 4 - len(prefix))
+                if finish == "length":
+                    content = content[: max(tokens * 4, len(label) + 2)]
+                content = content.rstrip()
+            else:
+                if fmt == "json_schema":
+                    content = json.dumps(_SchemaFaker(schema, label, seed + i).make(schema))
+                elif LIST_JSON_MARKER in last_user:
+                    content = json.dumps({"items": [
+                        {"question": f"Question {k + 1} about {echo} [{label}]", "answer": f"Answer {k + 1} [{label}]"}
+                        for k in range(3)]})
+                else:
+                    base = 48 + len(label) + len(echo)
+                    content = json.dumps({"tag": label, "echo": echo, "choice": i,
+                                          "text": _filler(tokens * 4 - base).rstrip()})
+                if finish == "length":
+                    content = content[: tokens * 4]  # truncated mid-JSON, like the real API
+            contents.append(content)
+            finishes.append(finish)
+            counts.append(tokens)
+        return contents, finishes, counts
+
     # ---- chat completions
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -604,71 +761,20 @@ class _MockServer:
                 raise _Reject(400, "We could not parse the JSON body of your request. (HINT: This likely means you "
                               "aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, "
                               "but what was sent was not valid JSON.)", "invalid_request_error", None) from None
-            if not isinstance(body, dict):
-                raise _Reject(400, "The request body must be a JSON object.", "invalid_request_error", None)
-            model = body.get("model")
-            if not isinstance(model, str) or not model:
-                raise _Reject(400, "you must provide a model parameter", "invalid_request_error", None)
-            if model not in self.models:
-                raise _Reject(404, f"The model `{model}` does not exist or you do not have access to it.",
-                              "invalid_request_error", "model_not_found")
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                if messages is None:
-                    raise _Reject(400, "Missing required parameter: 'messages'.", "invalid_request_error",
-                                  "missing_required_parameter", "messages")
-                raise _Reject(400, "Invalid 'messages': expected a non-empty array of message objects.",
-                              "invalid_request_error", "invalid_value", "messages")
-            for k, message in enumerate(messages):
-                if not isinstance(message, dict) or "role" not in message:
-                    raise _Reject(400, f"Invalid 'messages[{k}]': expected an object with a 'role'.",
-                                  "invalid_request_error", "invalid_value", f"messages[{k}]")
+            req = self.parse_prompt(body)
         except _Reject as rej:
             headers = {**self.limit_headers(now), **self.base_headers(started)}
             return self.error(rej.status, rej.message, rej.type, rej.code, rej.param, headers)
 
-        prompt_text, chars, last_user = _prompt_parts(messages)
-        digest = _digest(prompt_text)
-        tag = digest[:12]
-        ptoks = (chars + 3) // 4
+        model, tag, ptoks = req.model, req.tag, req.ptoks
         stats.received[tag] = stats.received.get(tag, 0) + 1
 
         try:
-            n = _int_param(body, "n", 1, 128) or 1
-            max_tokens = _int_param(body, "max_completion_tokens", 1)
-            if max_tokens is None:
-                max_tokens = _int_param(body, "max_tokens", 1)
-            response_format = body.get("response_format")
-            fmt = "text"
-            schema: dict = {}
-            if response_format is not None:
-                fmt = response_format.get("type") if isinstance(response_format, dict) else None
-                if fmt not in ("text", "json_object", "json_schema"):
-                    raise _Reject(400, "Invalid 'response_format.type': expected one of 'text', 'json_object', "
-                                  "'json_schema'.", "invalid_request_error", "invalid_value", "response_format.type")
-                if fmt == "json_schema" and not cfg.json_schema:
-                    raise _Reject(400, "response_format of type 'json_schema' is not supported by this server; "
-                                  "use 'json_object'.", "invalid_request_error", "invalid_value", "response_format")
-                if fmt == "json_schema":
-                    spec = response_format.get("json_schema")
-                    schema = spec.get("schema") if isinstance(spec, dict) else None
-                    if not isinstance(schema, dict):
-                        raise _Reject(400, "Missing required parameter: 'response_format.json_schema.schema'.",
-                                      "invalid_request_error", "missing_required_parameter",
-                                      "response_format.json_schema")
-            total = ptoks + (max_tokens or 0)
-            if ptoks > cfg.context_window or (max_tokens is not None and total > cfg.context_window):
-                if max_tokens is None:
-                    detail = (f"However, your messages resulted in {ptoks} tokens. "
-                              "Please reduce the length of the messages.")
-                else:
-                    detail = (f"However, you requested {total} tokens ({ptoks} in the messages, {max_tokens} in the "
-                              "completion). Please reduce the length of the messages or completion.")
-                raise _Reject(400, f"This model's maximum context length is {cfg.context_window} tokens. {detail}",
-                              "invalid_request_error", "context_length_exceeded", "messages")
+            self.parse_options(body, req)
         except _Reject as rej:
             headers = {**self.limit_headers(now), **self.base_headers(started)}
             return self.error(rej.status, rej.message, rej.type, rej.code, rej.param, headers)
+        n, max_tokens = req.n, req.max_tokens
 
         # ---- rate limiter: charge up front, or refuse and charge nothing
         limit_headers: dict[str, str] = {}
@@ -748,42 +854,7 @@ class _MockServer:
         # ---- the answer
         stream = bool(body.get("stream"))
         include_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
-        not_json = NOT_JSON_MARKER in prompt_text or NOT_JSON_ONCE_MARKER in last_user
-        echo = " ".join(last_user[:96].split())[:48]
-        seed = int(digest[12:20], 16)
-        contents: list[str] = []
-        finishes: list[str] = []
-        counts: list[int] = []
-        ct, ct_max = cfg.completion_tokens, cfg.completion_tokens_max
-        greedy = body.get("temperature") == 0  # at temperature 0 every choice is the same answer, as in practice
-        for i in range(n):
-            tokens = ct if ct_max is None else ct + (seed + i * 7919) % (ct_max - ct + 1)
-            finish = "stop"
-            if max_tokens is not None and tokens > max_tokens:
-                tokens, finish = max_tokens, "length"
-            label = f"{tag}#{0 if greedy else i}"
-            if fmt == "text" or not_json:
-                prefix = f"[{label}] {echo} "
-                content = prefix + _filler(tokens * 4 - len(prefix))
-                if finish == "length":
-                    content = content[: max(tokens * 4, len(label) + 2)]
-                content = content.rstrip()
-            else:
-                if fmt == "json_schema":
-                    content = json.dumps(_SchemaFaker(schema, label, seed + i).make(schema))
-                elif LIST_JSON_MARKER in last_user:
-                    content = json.dumps({"items": [
-                        {"question": f"Question {k + 1} about {echo} [{label}]", "answer": f"Answer {k + 1} [{label}]"}
-                        for k in range(3)]})
-                else:
-                    base = 48 + len(label) + len(echo)
-                    content = json.dumps({"tag": label, "echo": echo, "choice": i,
-                                          "text": _filler(tokens * 4 - base).rstrip()})
-                if finish == "length":
-                    content = content[: tokens * 4]  # truncated mid-JSON, like the real API
-            contents.append(content)
-            finishes.append(finish)
-            counts.append(tokens)
+        contents, finishes, counts = self.answer(req)
         ctoks = sum(counts)
 
         if fault == "reset":
@@ -803,14 +874,7 @@ class _MockServer:
         if delay > 0:
             await asyncio.sleep(delay / 1000.0)
 
-        usage = {
-            "prompt_tokens": ptoks,
-            "completion_tokens": ctoks,
-            "total_tokens": ptoks + ctoks,
-            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
-                                          "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
-        }
+        usage = _usage(ptoks, ctoks)
         completion_id = f"chatcmpl-{tag}{self.counter:x}"
         created = int(time.time())
         headers = {**limit_headers, **self.base_headers(started)}
@@ -818,21 +882,7 @@ class _MockServer:
             stats.streams += 1
             return await self.stream(request, headers, completion_id, created, model, contents, finishes, counts,
                                      usage if include_usage else None, include_usage, reset=fault == "reset")
-        payload = json.dumps({
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [
-                {"index": i, "message": {"role": "assistant", "content": contents[i], "refusal": None,
-                                         "annotations": []},
-                 "logprobs": None, "finish_reason": finishes[i]}
-                for i in range(n)
-            ],
-            "usage": usage,
-            "service_tier": "default",
-            "system_fingerprint": "fp_nbparrot",
-        }).encode()
+        payload = json.dumps(_completion(completion_id, created, model, contents, finishes, usage)).encode()
         if fault == "reset":
             resp = web.StreamResponse(status=200, headers=headers)
             resp.content_type = "application/json"
