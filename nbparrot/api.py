@@ -9,9 +9,11 @@ from pathlib import Path
 from .prepare import prepare
 from .cache import Cache, default_cache_dir
 from .config import defaults, resolve_endpoint
+from .batch_api import BatchEngine
 from .engine import Engine, EngineSettings
 from .errors import ConfigError
 from .panel import make_view
+from .pricing import format_usd
 from .results import ColumnSink, Shape
 from .run import Run
 from .structured import Schema
@@ -69,6 +71,8 @@ def map(  # noqa: A001 - the name users expect, as in pandas' Series.map
     max_cost: float | None = None,
     confirm_over: float | None = None,
     confirm: bool = False,
+    mode: str = "live",
+    poll_interval: float | None = None,
 ) -> Run:
     """Send ``template`` rendered for every row of ``data`` to a chat-completions endpoint.
 
@@ -88,6 +92,9 @@ def map(  # noqa: A001 - the name users expect, as in pandas' Series.map
     store the new answers) or "off"; ``cache_dir`` overrides where it lives. ``max_cost`` (USD)
     is a hard budget: nothing is sent that could take spend past it. ``confirm_over`` (USD):
     when the run could cost more, the panel asks before sending (a script needs ``confirm=True``).
+
+    ``mode="batch"`` sends the rows through the OpenAI Batch API at half price (see
+    ``nbparrot.batch_api``); ``poll_interval`` is how often its status is checked (seconds).
     """
     model = model or defaults.model
     if not isinstance(model, str) or not model:
@@ -127,16 +134,23 @@ def map(  # noqa: A001 - the name users expect, as in pandas' Series.map
             raise ConfigError("into= fills a DataFrame column; data is a list of dicts")
         if prepared.variants > 1 or explode:
             raise ConfigError("into= needs one answer per row: it cannot be used with several templates or explode=True")
-    mode = defaults.cache if cache is None else cache
-    if mode not in CACHE_MODES:
-        raise ConfigError(f"cache must be one of {', '.join(CACHE_MODES)}, not {mode!r}")
+    cache_mode = defaults.cache if cache is None else cache
+    if cache_mode not in CACHE_MODES:
+        raise ConfigError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache_mode!r}")
     if max_cost is not None and not max_cost > 0:
         raise ConfigError(f"max_cost must be a positive number of USD, not {max_cost!r}")
     settings.max_cost = max_cost
-    engine = Engine(endpoint, body, prepared.prompts, settings, skip_reasons=prepared.skip_reasons,
-                    schema=parsed_schema, cache=None if mode == "off" else open_cache(cache_dir),
-                    refresh=mode == "refresh")
+    if mode not in ("live", "batch"):
+        raise ConfigError(f"mode must be 'live' or 'batch', not {mode!r}")
+    kind = BatchEngine if mode == "batch" else Engine
+    extra = {"poll_interval": poll_interval} if mode == "batch" else {}
+    engine = kind(endpoint, body, prepared.prompts, settings, skip_reasons=prepared.skip_reasons,
+                  schema=parsed_schema, cache=None if cache_mode == "off" else open_cache(cache_dir),
+                  refresh=cache_mode == "refresh", **extra)
     estimate = engine.plan()  # cache lookups and the cost estimate, before any request
+    if mode == "batch" and max_cost is not None and (estimate.max_cost or 0) > max_cost:
+        raise ConfigError(f"a batch cannot be stopped half-way, and this one could cost up to "
+                          f"{format_usd(estimate.max_cost)}, above max_cost={format_usd(max_cost)}")
     label = prepared.templates[0] if prepared.variants == 1 else f"{prepared.variants} templates"
     run = Run(engine, prepared, model=model, label=label,
               shape=Shape(name, explode=explode, dedupe=dedupe, meta=meta))

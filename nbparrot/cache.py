@@ -57,6 +57,8 @@ _SCHEMA = (
     " finish_reason TEXT, prompt_tokens INT, completion_tokens INT, created REAL)",
     # Covers info()'s per-model counts and time range, and clear(model), without reading answers.
     "CREATE INDEX IF NOT EXISTS answers_by_model ON answers (model, created)",
+    # Batch API jobs in progress: a rerun after a kernel restart reattaches instead of paying twice.
+    "CREATE TABLE IF NOT EXISTS batch_jobs (job TEXT PRIMARY KEY, batch_ids TEXT NOT NULL, created REAL)",
 )
 _INSERT = ("INSERT OR REPLACE INTO answers (key, model, content, finish_reason, prompt_tokens,"
            " completion_tokens, created) VALUES (?, ?, ?, ?, ?, ?, ?)")
@@ -234,6 +236,23 @@ class Cache:
             _retrying(lambda: conn.execute("VACUUM"))
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # best effort: other readers may hold it
         return removed
+
+    def job_batches(self, job: str) -> list[str]:
+        """The Batch API batch ids recorded for a job (empty if none)."""
+        with self._read_lock:
+            conn = self._reader()
+            row = _retrying(lambda: conn.execute("SELECT batch_ids FROM batch_jobs WHERE job = ?", (job,)).fetchone())
+        return json.loads(row[0]) if row else []
+
+    def record_job(self, job: str, batch_ids: Sequence[str]) -> None:
+        """Remember a job's batch ids at once (committed before returning), or forget it with []."""
+        with self._read_lock:
+            conn = self._reader()
+            if batch_ids:
+                _retrying(lambda: conn.execute("INSERT OR REPLACE INTO batch_jobs (job, batch_ids, created) "
+                                               "VALUES (?, ?, ?)", (job, json.dumps(list(batch_ids)), time.time())))
+            else:
+                _retrying(lambda: conn.execute("DELETE FROM batch_jobs WHERE job = ?", (job,)))
 
     # ---- opening ------------------------------------------------------------------------
 

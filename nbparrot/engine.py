@@ -78,7 +78,7 @@ class Progress:
 
     __slots__ = ("total", "queued", "in_flight", "retrying", "done", "failed", "cancelled", "skipped",
                  "cached", "requests", "rate_limited", "prompt_tokens", "completion_tokens",
-                 "latency_total", "started", "finished", "last_error", "sent_at", "limits", "_listeners")
+                 "latency_total", "started", "finished", "last_error", "note", "sent_at", "limits", "_listeners")
 
     def __init__(self, total: int = 0):
         self.total = total
@@ -90,6 +90,7 @@ class Progress:
         self.started: float | None = None
         self.finished: float | None = None
         self.last_error: str | None = None
+        self.note: str | None = None  # a status line of the run's own (e.g. a Batch API job's state)
         self.sent_at: dict[int, float] = {}  # row -> loop time of its in-flight attempt
         self.limits: Callable[[], dict] | None = None
         self._listeners: list[Callable[[str, int], None]] = []
@@ -124,6 +125,8 @@ class EngineSettings:
 
 class Engine:
     """Runs one batch of chat-completion requests; see the module docstring for the design."""
+
+    batch = False  # priced at Batch API rates (see nbparrot.batch_api)
 
     def __init__(
         self,
@@ -204,7 +207,7 @@ class Engine:
         self._pending.extend(rows)
         self._unsettled = len(rows)
         prompt_tokens = sum(self.cost(i) for i in rows) - self._reply_tokens * len(rows)
-        self.estimate = estimate(self.model, len(rows), prompt_tokens, self._reply_tokens * len(rows))
+        self.estimate = estimate(self.model, len(rows), prompt_tokens, self._reply_tokens * len(rows), batch=self.batch)
         budget = self.settings.max_cost
         if budget is not None and price_of(self.model) is None:
             raise ConfigError(f"max_cost cannot be kept: the price of {self.model!r} is unknown; "
@@ -288,7 +291,7 @@ class Engine:
 
     def _affordable(self, row: int, tokens: int, budget: float) -> bool:
         """Book the most this request can cost, unless spend plus what is in flight would pass the budget."""
-        most = cost_of(self.model, tokens - self._reply_tokens, self._reply_tokens) or 0.0
+        most = cost_of(self.model, tokens - self._reply_tokens, self._reply_tokens, batch=self.batch) or 0.0
         committed = sum(self._committed.values())
         if self._spent + committed + most > budget:
             self.budget_stop = BudgetExceededError(
@@ -396,7 +399,7 @@ class Engine:
         extra = self._extra.get(row)
         return messages + extra if extra else messages
 
-    def _answer(self, row: int, data: dict, latency: float) -> None:
+    def _answer(self, row: int, data: dict, latency: float | None) -> None:
         choices = data["choices"]
         if self._n == 1:
             choice = choices[0]
@@ -414,7 +417,7 @@ class Engine:
         progress.prompt_tokens += prompt_tokens
         progress.completion_tokens += completion_tokens
         if self.settings.max_cost is not None:
-            self._spent += cost_of(self.model, prompt_tokens, completion_tokens) or 0.0
+            self._spent += cost_of(self.model, prompt_tokens, completion_tokens, batch=self.batch) or 0.0
         outcome.content, outcome.finish_reason, outcome.latency = content, finish, latency
         self._open()
         self._streak = 0
@@ -430,7 +433,8 @@ class Engine:
             self.cache.put(self._keys[row], CachedAnswer(content, finish, outcome.prompt_tokens,
                                                          outcome.completion_tokens, self.model))
         progress.done += 1
-        progress.latency_total += latency
+        if latency is not None:
+            progress.latency_total += latency
         self._settled()
         if progress._listeners:
             progress.emit("done", row)

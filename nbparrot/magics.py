@@ -73,6 +73,7 @@ class NbparrotMagics(Magics):
     @argument("--no-cache", action="store_true", help="send even if this exact request was answered before")
     @argument("--over", metavar="DF", help="run the cell as a row template over this DataFrame")
     @argument("--sample", type=int, metavar="K", help="with --over: only K rows (a fixed random sample)")
+    @argument("--batch", action="store_true", help="with --over: send through the OpenAI Batch API (half price)")
     @argument("command", nargs="*", help="line form: status | cancel [ID|all] | cost | models | cache info|clear")
     @no_var_expand  # {name} fields are ours to fill, from the cell body only
     @line_cell_magic
@@ -128,6 +129,8 @@ class NbparrotMagics(Magics):
             raise UsageError(f"%%llm: -o needs a variable name, not {args.output!r}")
         ns = self.shell.user_ns
         schema = self._schema(args, ns)
+        if args.batch and args.over is None:
+            raise UsageError("%%llm: --batch needs --over DF (a batch is worth it for many rows)")
         if args.over is not None:
             frame = self._frame(args, ns)
             run = api.map(frame, variants if len(variants) > 1 else variants[0], **self._options(args, schema))
@@ -154,6 +157,8 @@ class NbparrotMagics(Magics):
             options["params"] = {"response_format": {"type": "json_object"}}
         if args.no_cache:
             options["cache"] = "refresh"
+        if args.batch:
+            options["mode"] = "batch"
         return options
 
     def _schema(self, args: argparse.Namespace, ns: dict) -> Any:
@@ -315,7 +320,8 @@ def comparison_html(run: Run, variants: list[str]) -> str:
     for v in range(k):
         outs = [run.outcomes[r * k + v] for r in range(rows)]
         tokens = sum(o.prompt_tokens + o.completion_tokens for o in outs)
-        costs = [cost_of(run.model, o.prompt_tokens, o.completion_tokens) for o in outs if not o.cached]
+        costs = [cost_of(run.model, o.prompt_tokens, o.completion_tokens, batch=run.engine.batch)
+                 for o in outs if not o.cached]
         cost = None if any(c is None for c in costs) else sum(costs)
         latencies = [o.latency for o in outs if o.latency is not None]
         latency = f"{sum(latencies) / len(latencies):.2f}s" if latencies else "–"

@@ -110,6 +110,7 @@ def snapshot(run: "Run", rates: _Rates | None = None) -> dict[str, Any]:
         "projected": run.projected_cost, "cached": p.cached,
         "elapsed": elapsed, "eta": eta, "oldest": oldest, "rpm": rpm, "tpm": tpm,
         "rpm_limit": limits.get("rpm"), "tpm_limit": limits.get("tpm"), "last_error": p.last_error,
+        "note": p.note,
         "status": run.status,
     }
 
@@ -171,6 +172,8 @@ class TextLine(_Ticker):
         parts.append(_fmt_secs(s["elapsed"]))
         if s["eta"] is not None:
             parts.append(f"ETA {_fmt_secs(s['eta'])}")
+        if s["note"]:
+            parts.append(s["note"])
         return " · ".join(parts)
 
     def refresh(self) -> None:
@@ -261,7 +264,7 @@ class Panel(_Ticker):
         if s["status"] != "waiting":
             self._answered()
         key = (s["settled"], s["in_flight"], s["retrying"], s["tokens"], s["status"], s["last_error"],
-               int(s["elapsed"]))
+               s["note"], int(s["elapsed"]))
         if key == self._last:
             return
         self._last = key
@@ -287,9 +290,10 @@ class Panel(_Ticker):
         oldest = f" · oldest in flight {_fmt_secs(s['oldest'])}" if s["oldest"] is not None else ""
         eta = f" · ETA {_fmt_secs(s['eta'])}" if s["eta"] is not None else ""
         projected = f" (projected total {format_usd(s['projected'])})" if s["projected"] is not None else ""
+        note = f"<br><span class='nbparrot-note'>{html.escape(s['note'])}</span>" if s["note"] else ""
         return (f"<span class='nbparrot-counts'>{counts}</span>{rate}<br>"
                 f"tokens <b>{s['tokens']:,}</b> · {format_usd(s['cost'])}{projected} · "
-                f"elapsed {_fmt_secs(s['elapsed'])}{eta}{oldest}")
+                f"elapsed {_fmt_secs(s['elapsed'])}{eta}{oldest}{note}")
 
     def close(self) -> None:
         """Turn into a compact summary plus a preview of the first results."""

@@ -92,8 +92,10 @@ def format_usd(cost: float | None, digits: int = 4) -> str:
     return "cost unknown" if cost is None else f"${cost:,.{digits}f}"
 
 
-def estimate(model: str, requests: int, prompt_tokens: int, max_completion_tokens: int) -> Estimate:
-    """Expected and upper-bound cost of a run from its token estimates."""
+def estimate(model: str, requests: int, prompt_tokens: int, max_completion_tokens: int, *,
+             batch: bool = False) -> Estimate:
+    """Expected and upper-bound cost of a run from its token estimates (at Batch API prices if ``batch``)."""
     expected_out = int(max_completion_tokens * EXPECTED_SHARE)
     return Estimate(requests, prompt_tokens, max_completion_tokens,
-                    cost_of(model, prompt_tokens, expected_out), cost_of(model, prompt_tokens, max_completion_tokens))
+                    cost_of(model, prompt_tokens, expected_out, batch=batch),
+                    cost_of(model, prompt_tokens, max_completion_tokens, batch=batch))

@@ -134,7 +134,7 @@ def _meta_columns(run: "Run", requests: list[int]) -> dict[str, list]:
         meta["finish_reason"].append(o.finish_reason)
         meta["prompt_tokens"].append(o.prompt_tokens)
         meta["completion_tokens"].append(o.completion_tokens)
-        meta["cost"].append(0.0 if o.cached else cost_of(model, o.prompt_tokens, o.completion_tokens))
+        meta["cost"].append(0.0 if o.cached else cost_of(model, o.prompt_tokens, o.completion_tokens, batch=run.engine.batch))
         meta["latency"].append(o.latency)
         meta["attempts"].append(o.attempts)
         meta["cached"].append(o.cached)

@@ -27,7 +27,7 @@ __all__ = ["Run", "live_runs", "record_usage", "session_usage"]
 
 _ids = itertools.count(1)
 _live: dict[int, "Run"] = {}  # strong references: asyncio keeps only weak ones to tasks
-_usage: dict[str, dict[str, int]] = {}  # model -> session totals
+_usage: dict[tuple[str, bool], dict[str, int]] = {}  # (model, batch) -> session totals
 
 
 def live_runs() -> list["Run"]:
@@ -36,9 +36,9 @@ def live_runs() -> list["Run"]:
 
 
 def record_usage(model: str, *, requests: int = 0, prompt_tokens: int = 0, completion_tokens: int = 0,
-                 cached: int = 0) -> None:
+                 cached: int = 0, batch: bool = False) -> None:
     """Add to this session's totals (every finished run and single prompt reports here)."""
-    totals = _usage.setdefault(model, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cached": 0})
+    totals = _usage.setdefault((model, batch), {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cached": 0})
     totals["requests"] += requests
     totals["prompt_tokens"] += prompt_tokens
     totals["completion_tokens"] += completion_tokens
@@ -46,9 +46,12 @@ def record_usage(model: str, *, requests: int = 0, prompt_tokens: int = 0, compl
 
 
 def session_usage() -> dict[str, dict[str, Any]]:
-    """Requests, tokens, cached answers and cost per model for this session (cost None if unknown)."""
-    return {model: {**t, "cost": cost_of(model, t["prompt_tokens"], t["completion_tokens"])}
-            for model, t in _usage.items()}
+    """Requests, tokens, cached answers and cost per model for this session (cost None if unknown).
+
+    Work sent through the Batch API is listed apart, as "<model> (batch)", at its own price."""
+    return {model + (" (batch)" if batch else ""):
+            {**t, "cost": cost_of(model, t["prompt_tokens"], t["completion_tokens"], batch=batch)}
+            for (model, batch), t in _usage.items()}
 
 
 class Run:
@@ -138,7 +141,7 @@ class Run:
             _live.pop(self.id, None)
             p = self.progress
             record_usage(self.model, requests=p.requests, prompt_tokens=p.prompt_tokens,
-                         completion_tokens=p.completion_tokens, cached=p.cached)
+                         completion_tokens=p.completion_tokens, cached=p.cached, batch=self.engine.batch)
             self._finished.set()
             self.view.finished()
 
@@ -203,7 +206,7 @@ class Run:
     @property
     def cost(self) -> float | None:
         """USD spent so far (cached rows cost nothing), or None when the model's price is unknown."""
-        return cost_of(self.model, self.progress.prompt_tokens, self.progress.completion_tokens)
+        return cost_of(self.model, self.progress.prompt_tokens, self.progress.completion_tokens, batch=self.engine.batch)
 
     @property
     def projected_cost(self) -> float | None:

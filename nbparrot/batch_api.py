@@ -1,0 +1,241 @@
+"""The OpenAI Batch API behind the same call: ``df.llm.map(..., mode="batch")``, at half price.
+
+``BatchEngine`` is an ``Engine`` whose ``run`` sends the rows as JSONL batch files instead of
+one request each: every row gets a stable ``custom_id`` (its position and request key),
+files are split beyond 50,000 lines or 200 MB, uploaded with ``purpose="batch"`` and
+submitted with ``completion_window="24h"``. It then polls in the background on the kernel's
+loop (the panel shows each batch's status and counts), downloads the output and error files
+and maps every line back to its row by ``custom_id``: answers land (and are cached) as in a
+normal run, failed lines become row errors, rows missing from both are failed.
+
+The batch ids are written to the cache database as soon as they exist, keyed by the job
+(endpoint + every request), so re-running the cell after a kernel restart reattaches to the
+batch instead of paying twice. Cancel cancels the remote batches. Re-asks for answers that do
+not match a schema need another round trip, so in batch mode such rows simply fail, their
+text kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from typing import Any
+
+import aiohttp
+
+from .engine import FAILED, OK, Engine
+from .errors import FatalError, error_fields, fatal_error
+
+__all__ = ["BatchEngine"]
+
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+
+
+class BatchEngine(Engine):
+    """Sends a run through ``/v1/files`` and ``/v1/batches``; outcomes as ``Engine`` gives them."""
+
+    batch = True
+    max_lines = 50_000  # OpenAI's limits per batch input file
+    max_bytes = 200 * 1024 * 1024
+    poll_interval = 10.0  # seconds between status checks
+
+    def __init__(self, *args: Any, poll_interval: float | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.settings.max_reasks = 0
+        if poll_interval is not None:
+            self.poll_interval = poll_interval
+        self._session: aiohttp.ClientSession | None = None
+        self._ids: dict[str, int] = {}  # custom_id -> row
+        self._job = ""
+        self.batch_ids: list[str] = []
+        self.batches: dict[str, dict] = {}  # id -> last batch object seen
+        self._rows: dict[str, list[int]] = {}  # batch id -> the rows its file holds
+
+    async def run(self) -> list:
+        loop = self._loop = asyncio.get_running_loop()
+        progress = self.progress
+        progress.started = loop.time()
+        self.plan()
+        rows = list(self._pending)
+        headers = {k: v for k, v in self.endpoint.headers().items() if k != "Content-Type"}
+        timeout = aiohttp.ClientTimeout(total=max(self.settings.timeout, 300.0), connect=10.0)
+        try:
+            if rows:
+                async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+                    self._session = session
+                    try:
+                        await self._submit_or_reattach(rows)
+                        await self._follow()
+                    except asyncio.CancelledError:
+                        await asyncio.shield(self._cancel_remote())
+                        raise
+                    except FatalError as exc:
+                        self._stop_run(exc)
+        finally:
+            reason = f"not sent: the run stopped ({self.fatal})" if self.fatal else "cancelled before the batch finished"
+            self.abandon(reason)
+            progress.finished = loop.time()
+            progress.emit("finished", -1)
+        return self.outcomes
+
+    # ---- submitting ---------------------------------------------------------------------
+
+    def _lines(self, rows: list[int]) -> list[tuple[int, bytes]]:
+        """One JSONL line per row, with a ``custom_id`` that is stable across reruns: row and request key."""
+        base = self.endpoint.base_url
+        lines = []
+        for row in rows:
+            key = self._keys.get(row) or _key(base, self.params, self.prompts[row])
+            custom_id = f"{row}-{key[:16]}"
+            self._ids[custom_id] = row
+            body = {**self.params, "messages": self._messages(row)}
+            lines.append((row, json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+                                           "body": body}).encode()))
+        return lines
+
+    async def _submit_or_reattach(self, rows: list[int]) -> None:
+        chunks = _split(self._lines(rows), self.max_lines, self.max_bytes)
+        self._job = hashlib.sha256("\n".join([self.endpoint.base_url, *self._ids]).encode()).hexdigest()
+        progress = self.progress
+        progress.queued = 0
+        progress.in_flight = len(rows)
+        if self.cache is not None:
+            known = self.cache.job_batches(self._job)
+            live = []
+            for batch_id in known:
+                batch = await self._get(f"/batches/{batch_id}")
+                if batch.get("status") not in ("failed", "expired", "cancelled", "cancelling"):
+                    live.append(batch_id)
+                    self.batches[batch_id] = batch
+            if live and len(live) == len(known) == len(chunks):  # the same job, still going: follow it
+                self.batch_ids = live
+                self._rows = {batch_id: [row for row, _ in chunk] for batch_id, chunk in zip(live, chunks)}
+                progress.note = f"reattached to {len(live)} batch(es) submitted earlier: {', '.join(live)}"
+                return
+        for k, chunk in enumerate(chunks):
+            progress.note = f"uploading batch file {k + 1} ({len(chunk):,} requests)"
+            data = aiohttp.FormData()
+            data.add_field("purpose", "batch")
+            data.add_field("file", b"\n".join(line for _, line in chunk) + b"\n",
+                           filename=f"nbparrot-{self._job[:12]}-{k + 1}.jsonl", content_type="application/jsonl")
+            file = await self._send("POST", "/files", data=data)
+            batch = await self._send("POST", "/batches", json={
+                "input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h",
+                "metadata": {"nbparrot_job": self._job[:32]}})
+            self.batch_ids.append(batch["id"])
+            self.batches[batch["id"]] = batch
+            self._rows[batch["id"]] = [row for row, _ in chunk]
+            if self.cache is not None:  # at once: a restart from here on reattaches instead of paying twice
+                self.cache.record_job(self._job, self.batch_ids)
+
+    # ---- following ----------------------------------------------------------------------
+
+    async def _follow(self) -> None:
+        pending = list(self.batch_ids)
+        while pending:
+            for batch_id in list(pending):
+                batch = self.batches[batch_id] = await self._get(f"/batches/{batch_id}")
+                if batch.get("status") in TERMINAL:
+                    await self._harvest(batch)
+                    pending.remove(batch_id)
+            self._show()
+            if pending:
+                await asyncio.sleep(self.poll_interval)
+        if self.cache is not None:
+            self.cache.record_job(self._job, [])
+
+    def _show(self) -> None:
+        parts, left = [], 0
+        for batch_id, batch in self.batches.items():
+            counts = batch.get("request_counts") or {}
+            total, completed, failed = counts.get("total", 0), counts.get("completed", 0), counts.get("failed", 0)
+            parts.append(f"{batch_id} {batch.get('status')} {completed + failed}/{total}")
+            if batch.get("status") not in TERMINAL:
+                left += max(0, total - completed - failed) if total else 0
+        self.progress.note = "batch: " + "; ".join(parts)
+        self.progress.in_flight = left
+
+    async def _harvest(self, batch: dict) -> None:
+        """Map the output and error files' lines back to their rows; rows in neither are failed."""
+        expected = set(self._rows[batch["id"]])
+        for file_id in (batch.get("output_file_id"), batch.get("error_file_id")):
+            if not file_id:
+                continue
+            text = await self._get(f"/files/{file_id}/content", raw=True)
+            for line in text.splitlines():
+                if line.strip():
+                    self._line(json.loads(line), expected)
+        errors = (batch.get("errors") or {}).get("data") or []
+        reason = "; ".join(e.get("message", "") for e in errors)[:300]
+        for row in sorted(expected):
+            if self.outcomes[row].status not in (OK, FAILED):
+                self.outcomes[row].attempts = 1
+                self._fail(row, f"no result for this row: batch {batch['id']} ended {batch.get('status')}"
+                                + (f" ({reason})" if reason else ""))
+
+    def _line(self, line: dict, expected: set[int]) -> None:
+        row = self._ids.get(line.get("custom_id", ""))
+        if row is None or row not in expected or self.outcomes[row].status in (OK, FAILED):
+            return
+        outcome = self.outcomes[row]
+        outcome.attempts = 1
+        self.progress.requests += 1
+        response = line.get("response") or {}
+        status = response.get("status_code")
+        if status == 200 and not line.get("error"):
+            try:
+                self._answer(row, response["body"], None)
+                return
+            except (KeyError, IndexError, TypeError, ValueError):
+                return self._fail(row, "unreadable answer in the batch output")
+        if line.get("error"):
+            return self._fail(row, f"{line['error'].get('code') or ''} {line['error'].get('message') or ''}".strip())
+        message, code, _ = error_fields(json.dumps(response.get("body") or {}).encode(), self.endpoint.api_key)
+        return self._fail(row, f"{status} {code + ': ' if code else ''}{message}".strip())
+
+    async def _cancel_remote(self) -> None:
+        """Cancel our unfinished remote batches (bounded), and forget the job so a rerun starts afresh."""
+        for batch_id in self.batch_ids:
+            if (self.batches.get(batch_id) or {}).get("status") not in TERMINAL:
+                try:
+                    await asyncio.wait_for(self._send("POST", f"/batches/{batch_id}/cancel"), 10)
+                except (asyncio.TimeoutError, aiohttp.ClientError, FatalError):
+                    pass
+        if self.cache is not None and self._job:
+            self.cache.record_job(self._job, [])
+
+    # ---- HTTP ---------------------------------------------------------------------------
+
+    async def _get(self, path: str, raw: bool = False) -> Any:
+        return await self._send("GET", path, raw=raw)
+
+    async def _send(self, method: str, path: str, *, raw: bool = False, **kwargs: Any) -> Any:
+        url = self.endpoint.base_url + path
+        async with self._session.request(method, url, **kwargs) as response:  # type: ignore[union-attr]
+            body = await response.read()
+            if response.status != 200:
+                message, code, kind = error_fields(body, self.endpoint.api_key)
+                where = f"{response.status} from {url}"
+                raise fatal_error(response.status, message, code, kind, where) or FatalError(
+                    f"{where}: {message}", status=response.status, code=code)
+            return body.decode() if raw else json.loads(body)
+
+
+def _key(base_url: str, params: dict, messages: list) -> str:
+    from .cache import request_key
+
+    return request_key(base_url, {**params, "messages": messages})
+
+
+def _split(lines: list[tuple[int, bytes]], max_lines: int, max_bytes: int) -> list[list[tuple[int, bytes]]]:
+    """Cut the (row, JSONL line) pairs into files within the line and size limits."""
+    chunks: list[list[tuple[int, bytes]]] = [[]]
+    size = 0
+    for row, line in lines:
+        if chunks[-1] and (len(chunks[-1]) >= max_lines or size + len(line) + 1 > max_bytes):
+            chunks.append([])
+            size = 0
+        chunks[-1].append((row, line))
+        size += len(line) + 1
+    return chunks
