@@ -292,7 +292,7 @@ class Engine:
     def _affordable(self, row: int, tokens: int, budget: float) -> bool:
         """Book the most this request can cost, unless spend plus what is in flight would pass the budget."""
         most = cost_of(self.model, tokens - self._reply_tokens, self._reply_tokens, batch=self.batch) or 0.0
-        committed = sum(self._committed.values())
+        committed = sum(self._committed.values()) - self._committed.get(row, 0.0)  # a row waiting for its turn
         if self._spent + committed + most > budget:
             self.budget_stop = BudgetExceededError(
                 f"stopped at the budget: ${self._spent:,.4f} spent of max_cost=${budget:,.4f}, and the next request "

@@ -332,16 +332,20 @@ def comparison_html(run: Run, variants: list[str]) -> str:
             f"<tr><th>usage</th>{''.join(stats)}</tr>{''.join(body)}</table>")
 
 
+def _table(css: str, header: list[str], rows: list[list[Any]]) -> HTML:
+    """A small HTML table with escaped cells."""
+    cells = lambda tag, values: "".join(f"<{tag}>{html.escape(str(v))}</{tag}>" for v in values)  # noqa: E731
+    body = "".join(f"<tr>{cells('td', row)}</tr>" for row in rows)
+    return HTML(f"<table class='{css}'><tr>{cells('th', header)}</tr>{body}</table>")
+
+
 def _status_table() -> HTML:
     runs = live_runs()
     if not runs:
         return HTML("<i>no runs going in this kernel</i>")
-    rows = "".join(
-        f"<tr><td>{r.id}</td><td>{r.status}</td><td>{r.progress.settled}/{r.progress.total}</td>"
-        f"<td>{r.progress.in_flight}</td><td>{format_usd(r.cost)}</td>"
-        f"<td>{html.escape(r.label[:60])}</td></tr>" for r in runs)
-    return HTML("<table class='nbparrot-status'><tr><th>run</th><th>status</th><th>settled</th><th>in flight</th>"
-                f"<th>cost</th><th>template</th></tr>{rows}</table>")
+    return _table("nbparrot-status", ["run", "status", "settled", "in flight", "cost", "template"],
+                  [[r.id, r.status, f"{r.progress.settled}/{r.progress.total}", r.progress.in_flight,
+                    format_usd(r.cost), r.label[:60]] for r in runs])
 
 
 def _cancel(words: list[str]) -> str:
@@ -366,12 +370,9 @@ def _cost_table() -> HTML:
     usage = session_usage()
     if not usage:
         return HTML("<i>nothing sent in this session yet</i>")
-    rows = "".join(
-        f"<tr><td>{html.escape(model)}</td><td>{u['requests']:,}</td><td>{u['prompt_tokens']:,}</td>"
-        f"<td>{u['completion_tokens']:,}</td><td>{u['cached']:,}</td>"
-        f"<td>{format_usd(u['cost'])}</td></tr>" for model, u in usage.items())
-    return HTML("<table class='nbparrot-cost'><tr><th>model</th><th>requests</th><th>prompt tokens</th>"
-                f"<th>completion tokens</th><th>cached answers</th><th>cost</th></tr>{rows}</table>")
+    return _table("nbparrot-cost", ["model", "requests", "prompt tokens", "completion tokens", "cached answers", "cost"],
+                  [[model, f"{u['requests']:,}", f"{u['prompt_tokens']:,}", f"{u['completion_tokens']:,}",
+                    f"{u['cached']:,}", format_usd(u["cost"])] for model, u in usage.items()])
 
 
 def _models(base_url: str | None) -> list[str]:
