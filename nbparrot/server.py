@@ -11,6 +11,12 @@ Answers are deterministic: choice ``i`` of a prompt starts with
 :func:`expected_tag`), so a test can tell exactly which row an answer belongs
 to, and ``GET /stats`` says which prompts reached the server and how often.
 
+It also serves OpenAI's Files and Batch APIs (``/v1/files``, ``/v1/batches``) for
+chat completions, in memory: a batch goes validating -> in_progress ->
+finalizing -> completed within ``batch_seconds`` (default 2 s, instead of up to
+24 h), its lines answered by the same code as ``/v1/chat/completions`` (minus
+latency, rate limits and random faults), its output lines shuffled.
+
 Run it with ``python -m nbparrot.server --port 8000 --rpm 500 --p500 0.05``
 or, from Python, with :class:`ServerProcess` (a subprocess) or :func:`serve`.
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -37,11 +44,12 @@ import urllib.request
 import weakref
 import zlib
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 __all__ = [
     "ServerConfig",
@@ -76,6 +84,17 @@ DEFAULT_MAX_TOKENS_CHARGE = 4096
 NOT_JSON_MARKER = "<<not-json>>"  # anywhere in the prompt: never valid JSON (a re-ask fails too)
 NOT_JSON_ONCE_MARKER = "<<not-json-once>>"  # in the last user message: one bad answer (a re-ask succeeds)
 LIST_JSON_MARKER = "<<list-json>>"
+BATCH_FAIL_MARKER = "<<batch-fail>>"  # in the last user message of a batch line: that line fails with a 500
+#: The Batch API as OpenAI documents it: one endpoint served here, a 24 h window, limits per input file.
+BATCH_ENDPOINT = "/v1/chat/completions"
+BATCH_WINDOW_SECONDS = 24 * 3600
+BATCH_MAX_LINES = 50_000
+BATCH_MAX_BYTES = 200 * 1024 * 1024
+#: Share of batch_seconds spent validating, and then finalizing (cancelling takes as long); in progress between.
+BATCH_PHASE_SHARE = 0.1
+FILE_MAX_BYTES = 512 * 1024 * 1024  # one upload
+FILE_PURPOSES = ("assistants", "batch", "fine-tune", "user_data")
+_BATCH_MAX_ERRORS = 100  # errors.data entries reported for an invalid input file
 #: Default lifetime of a server started by ServerProcess (tests never leak one).
 SUBPROCESS_MAX_LIFETIME = 3600.0
 _LISTENING_RE = re.compile(r"nbparrot server listening on http://(\[[^\]]+\]|[^:/]+):(\d+)/v1")
@@ -108,6 +127,7 @@ class ServerConfig:
     retry_after: bool = True  # False: 429s carry no retry-after headers
     seed: int = 0  # faults are drawn from random.Random(seed)
     json_schema: bool = True  # False: refuse response_format json_schema with a 400, as older endpoints do
+    batch_seconds: float = 2.0  # how long a batch takes from creation to "completed" (OpenAI: up to 24 h)
     max_lifetime: float | None = None  # exit on its own after this many seconds
 
     def __post_init__(self) -> None:
@@ -130,6 +150,8 @@ class ServerConfig:
             raise ValueError("completion_tokens_max must be >= completion_tokens")
         if self.latency_ms < 0 or self.jitter_ms < 0 or self.per_token_ms < 0:
             raise ValueError("latencies must be >= 0")
+        if not 0 <= self.batch_seconds < math.inf:
+            raise ValueError(f"batch_seconds must be a finite number >= 0, got {self.batch_seconds!r}")
 
 
 def check_loopback(host: str) -> None:
@@ -438,6 +460,9 @@ class _Stats:
         self.completion_tokens = 0
         self.received: dict[str, int] = {}
         self.answered: dict[str, int] = {}
+        self.files_uploaded = 0
+        self.batches_created = 0
+        self.batch_lines = 0  # lines of the batches whose input file was valid
         self.started = time.time()
 
     def as_dict(self) -> dict:
@@ -458,6 +483,9 @@ class _Stats:
             "uptime_seconds": time.time() - self.started,
             "received": dict(self.received),
             "answered": dict(self.answered),
+            "files_uploaded": self.files_uploaded,
+            "batches_created": self.batches_created,
+            "batch_lines": self.batch_lines,
         }
 
 
@@ -468,6 +496,14 @@ class _Reject(Exception):
         """Keep the pieces of an OpenAI-style error body."""
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+
+    def body(self) -> dict:
+        """The JSON error body."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> web.Response:
+        """The JSON error response (not counted in the chat statistics)."""
+        return web.json_response(self.body(), status=self.status)
 
 
 _HTML_502 = (
@@ -549,6 +585,243 @@ def _completion(completion_id: str, created: int, model: str, contents: list[str
     }
 
 
+# --------------------------------------------------------------------------- files and batches
+
+
+@dataclass
+class _StoredFile:
+    """An uploaded file, or a batch's output or error file, held in memory."""
+
+    id: str
+    filename: str
+    purpose: str
+    data: bytes
+    created_at: int
+
+    def obj(self) -> dict:
+        """OpenAI's file object."""
+        return {"id": self.id, "object": "file", "bytes": len(self.data), "created_at": self.created_at,
+                "expires_at": None, "filename": self.filename, "purpose": self.purpose, "status": "processed",
+                "status_details": None}
+
+
+def _batch_error(code: str, message: str, line: int | None = None, param: str | None = None) -> dict:
+    """One entry of a failed batch's ``errors.data``."""
+    return {"code": code, "message": message, "param": param, "line": line}
+
+
+def _parse_batch_input(data: bytes) -> tuple[list[tuple[str, dict]], list[dict]]:
+    """Check a batch input file: its (custom_id, body) lines, and the errors that fail the batch (if any).
+
+    Like OpenAI, a file that is too large, has too many lines, or has any line that is not a JSON object with a
+    unique ``custom_id``, ``"method": "POST"``, ``"url": "/v1/chat/completions"`` and an object ``body``, fails
+    the whole batch; a body the chat endpoint refuses only fails its own line, later.
+    """
+    if len(data) > BATCH_MAX_BYTES:
+        return [], [_batch_error("file_too_large", f"The batch input file is {len(data):,} bytes, over the "
+                                 f"{BATCH_MAX_BYTES:,}-byte maximum of a batch input file.")]
+    raw = data.split(b"\n")
+    if not raw[-1].strip():
+        raw.pop()  # the newline ending the last line
+    if not raw:
+        return [], [_batch_error("empty_file", "The batch input file is empty.")]
+    if len(raw) > BATCH_MAX_LINES:
+        return [], [_batch_error("too_many_tasks", f"The batch input file has {len(raw):,} requests, over the "
+                                 f"{BATCH_MAX_LINES:,}-request maximum of a batch.")]
+    lines: list[tuple[str, dict]] = []
+    errors: list[dict] = []
+    seen: set[str] = set()
+    for number, text in enumerate(raw, 1):
+        if len(errors) >= _BATCH_MAX_ERRORS:
+            break
+        try:
+            item = json.loads(text)
+        except ValueError:
+            errors.append(_batch_error("invalid_json_line", "This line is not parseable as valid JSON.", number))
+            continue
+        if not isinstance(item, dict):
+            errors.append(_batch_error("invalid_request", "This line is not a JSON object.", number))
+            continue
+        missing = next((key for key in ("custom_id", "method", "url", "body") if key not in item), None)
+        custom_id, body = item.get("custom_id"), item.get("body")
+        if missing is not None:
+            errors.append(_batch_error("missing_required_parameter", f"Missing required parameter: '{missing}'.",
+                                       number, missing))
+        elif not isinstance(custom_id, str) or not custom_id:
+            errors.append(_batch_error("invalid_value", "Invalid 'custom_id': expected a non-empty string.", number,
+                                       "custom_id"))
+        elif custom_id in seen:
+            errors.append(_batch_error("duplicate_custom_id", "The custom_id for this request is a duplicate of "
+                                       "another request. The custom_id parameter must be unique for each individual "
+                                       "request in a batch.", number, "custom_id"))
+        elif item["method"] != "POST":
+            errors.append(_batch_error("invalid_value", "Invalid 'method': only 'POST' is supported.", number,
+                                       "method"))
+        elif item["url"] != BATCH_ENDPOINT:
+            errors.append(_batch_error("url_mismatch", "The URL provided for this request does not match the batch "
+                                       "endpoint.", number, "url"))
+        elif not isinstance(body, dict):
+            errors.append(_batch_error("invalid_value", "Invalid 'body': expected an object.", number, "body"))
+        else:
+            seen.add(custom_id)
+            lines.append((custom_id, body))
+    return (lines, []) if not errors else ([], errors)
+
+
+class _Batch:
+    """A batch job. Its status follows from the time since creation: see :meth:`state`."""
+
+    def __init__(self, batch_id: str, input_file: _StoredFile, metadata: dict | None) -> None:
+        """Check the input file now (the verdict shows once validation time has passed)."""
+        self.id = batch_id
+        self.input_file_id = input_file.id
+        self.metadata = metadata
+        self.lines, self.errors = _parse_batch_input(input_file.data)
+        model = self.lines[0][1].get("model") if self.lines else None
+        self.model = model if isinstance(model, str) else None
+        self.shuffle_seed = hashlib.sha1(input_file.data).hexdigest()  # output order: a function of the input
+        self.created = time.time()
+        self.started = time.monotonic()
+        self.results: list[tuple[bool, dict]] = []  # (succeeded, output line) of the lines done, in input order
+        self.completed = 0
+        self.failed = 0
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.cancel_at: float | None = None  # seconds after creation
+        self.cancel_done = 0  # lines done when the cancel came
+        self.output_file_id: str | None = None
+        self.error_file_id: str | None = None
+        self.finished = False  # output files written
+
+    def state(self, elapsed: float, span: float) -> tuple[str, int]:
+        """(status, lines done) ``elapsed`` seconds after creation, for batches that take ``span`` seconds."""
+        phase = BATCH_PHASE_SHARE * span
+        if self.cancel_at is not None:
+            return ("cancelling" if elapsed < self.cancel_at + phase else "cancelled"), self.cancel_done
+        if elapsed < phase:
+            return "validating", 0
+        if self.errors:
+            return "failed", 0
+        total = len(self.lines)
+        if elapsed < span - phase:
+            return "in_progress", min(total, int(total * (elapsed - phase) / (span - 2 * phase)))
+        return ("finalizing" if elapsed < span else "completed"), total
+
+    def obj(self, status: str, elapsed: float, span: float) -> dict:
+        """OpenAI's batch object in ``status``, ``elapsed`` seconds after creation."""
+        phase = BATCH_PHASE_SHARE * span
+        live = elapsed if self.cancel_at is None else min(elapsed, self.cancel_at)  # how far processing got
+        valid = not self.errors
+
+        def at(offset: float, reached: bool) -> int | None:
+            return int(self.created + offset) if reached else None
+
+        return {
+            "id": self.id,
+            "object": "batch",
+            "endpoint": BATCH_ENDPOINT,
+            "model": self.model,
+            "errors": {"object": "list", "data": self.errors} if status == "failed" else None,
+            "input_file_id": self.input_file_id,
+            "completion_window": "24h",
+            "status": status,
+            "output_file_id": self.output_file_id,
+            "error_file_id": self.error_file_id,
+            "created_at": int(self.created),
+            "in_progress_at": at(phase, valid and live >= phase),
+            "expires_at": int(self.created) + BATCH_WINDOW_SECONDS,
+            "finalizing_at": at(span - phase, valid and live >= span - phase),
+            "completed_at": at(span, status == "completed"),
+            "failed_at": at(phase, status == "failed"),
+            "expired_at": None,
+            "cancelling_at": at(self.cancel_at or 0.0, self.cancel_at is not None),
+            "cancelled_at": at((self.cancel_at or 0.0) + phase, status == "cancelled"),
+            "request_counts": {"total": len(self.lines) if valid and live >= phase else 0,
+                               "completed": self.completed, "failed": self.failed},
+            "usage": {"input_tokens": self.input_tokens, "input_tokens_details": {"cached_tokens": 0},
+                      "output_tokens": self.output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                      "total_tokens": self.input_tokens + self.output_tokens},
+            "metadata": self.metadata,
+        }
+
+
+_Handler = Callable[[Any, web.Request], Awaitable[web.StreamResponse]]
+
+
+def _guarded(handler: _Handler) -> _Handler:
+    """Wrap a files or batches handler: Bearer auth first, and a :class:`_Reject` it raises becomes its error."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: _MockServer, request: web.Request) -> web.StreamResponse:
+        auth_error = self.check_auth(request)
+        if auth_error is not None:
+            code = "invalid_api_key" if "Incorrect" in auth_error else None
+            return _Reject(401, auth_error, "invalid_request_error", code).response()
+        try:
+            return await handler(self, request)
+        except _Reject as rej:
+            return rej.response()
+
+    return wrapper
+
+
+async def _json_object(request: web.Request) -> dict:
+    """The request's JSON object body, or a 400."""
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        body = None
+    if not isinstance(body, dict):
+        raise _Reject(400, "The request body must be a JSON object.", "invalid_request_error", None)
+    return body
+
+
+async def _read_part(part: BodyPartReader, limit: int) -> bytes:
+    """A multipart field's bytes, or a 400 once they exceed ``limit``."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await part.read_chunk(1 << 20):
+        size += len(chunk)
+        if size > limit:
+            raise _Reject(400, f"File is too large: the maximum size of an upload is {limit:,} bytes.",
+                          "invalid_request_error", "file_too_large", "file")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _page(items: list, request: web.Request, default_limit: int, max_limit: int) -> tuple[list, bool]:
+    """The ``limit`` items after the one whose id is ``after`` (query parameters), and whether more follow."""
+    text = request.query.get("limit")
+    limit = default_limit
+    if text is not None:
+        limit = int(text) if text.isdigit() else 0
+        if not 1 <= limit <= max_limit:
+            raise _Reject(400, f"Invalid 'limit': integer must be between 1 and {max_limit}, got {text!r}.",
+                          "invalid_request_error", "invalid_value", "limit")
+    after = request.query.get("after")
+    if after:
+        ids = [item.id for item in items]
+        items = items[ids.index(after) + 1:] if after in ids else []
+    return items[:limit], len(items) > limit
+
+
+def _list_object(data: list[dict], has_more: bool) -> dict:
+    """OpenAI's cursor-paginated list object."""
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": has_more}
+
+
+def _check_metadata(metadata: Any) -> None:
+    """Metadata is null or at most 16 string pairs (keys up to 64 chars, values up to 512), else a 400."""
+    if metadata is None:
+        return
+    if (not isinstance(metadata, dict) or len(metadata) > 16
+            or not all(isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512
+                       for k, v in metadata.items())):
+        raise _Reject(400, "Invalid 'metadata': expected an object of at most 16 string pairs, keys of up to 64 "
+                      "characters, values of up to 512.", "invalid_request_error", "invalid_value", "metadata")
+
+
 class _MockServer:
     """State and handlers of one mock server app."""
 
@@ -570,6 +843,9 @@ class _MockServer:
                 self.fault_bands.append((edge, name))
         self.counter = 0
         self.id_prefix = f"{os.getpid():x}{int(time.time()) & 0xFFFFFF:x}"
+        self.serial = 0  # of file and batch ids
+        self.files: dict[str, _StoredFile] = {}
+        self.batches: dict[str, _Batch] = {}
 
     # ---- helpers
 
@@ -940,6 +1216,209 @@ class _MockServer:
         await resp.write_eof()
         return resp
 
+    # ---- files and batches (state in memory; POST /stats/reset keeps it)
+
+    def new_id(self, prefix: str) -> str:
+        """A fresh object id: ``prefix`` then hex (this process and start time, then a serial number)."""
+        self.serial += 1
+        return f"{prefix}{self.id_prefix}{self.serial:06x}"
+
+    def store_file(self, filename: str, purpose: str, data: bytes) -> _StoredFile:
+        """Keep a file in memory under a new id."""
+        file = _StoredFile(self.new_id("file-"), filename, purpose, data, int(time.time()))
+        self.files[file.id] = file
+        return file
+
+    def find_file(self, request: web.Request) -> _StoredFile:
+        """The file named by the URL, or a 404."""
+        file_id = request.match_info["file_id"]
+        file = self.files.get(file_id)
+        if file is None:
+            raise _Reject(404, f"No such File object: {file_id}", "invalid_request_error", None, "id")
+        return file
+
+    def find_batch(self, request: web.Request) -> _Batch:
+        """The batch named by the URL, or a 404."""
+        batch_id = request.match_info["batch_id"]
+        batch = self.batches.get(batch_id)
+        if batch is None:
+            raise _Reject(404, f"No batch found with id '{batch_id}'.", "invalid_request_error", None, "batch_id")
+        return batch
+
+    def refresh(self, batch: _Batch) -> tuple[str, float]:
+        """Bring ``batch`` up to now: answer the lines due, write the output files once it is over."""
+        elapsed = time.monotonic() - batch.started
+        status, done = batch.state(elapsed, self.config.batch_seconds)
+        while len(batch.results) < done:
+            self.run_batch_line(batch, len(batch.results))
+        if status in ("completed", "cancelled") and not batch.finished:
+            batch.finished = True
+            rng = random.Random(f"{self.config.seed}:{batch.shuffle_seed}")
+            for succeeded, kind in ((True, "output"), (False, "error")):
+                lines = [line for ok, line in batch.results if ok is succeeded]
+                if not lines:
+                    continue
+                rng.shuffle(lines)  # OpenAI does not keep the input order either
+                data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+                file = self.store_file(f"{batch.id}_{kind}.jsonl", "batch_output", data)
+                if succeeded:
+                    batch.output_file_id = file.id
+                else:
+                    batch.error_file_id = file.id
+        return status, elapsed
+
+    def batch_object(self, batch: _Batch) -> dict:
+        """The batch object as of now."""
+        status, elapsed = self.refresh(batch)
+        return batch.obj(status, elapsed, self.config.batch_seconds)
+
+    def run_batch_line(self, batch: _Batch, index: int) -> None:
+        """Answer one batch line like /v1/chat/completions would (no latency, limits or faults) and record it."""
+        custom_id, body = batch.lines[index]
+        digest = hashlib.sha1(f"{batch.id}:{index}".encode()).hexdigest()
+        try:
+            req = self.parse_prompt(body)
+            self.parse_options(body, req)
+        except _Reject as rej:
+            status, payload = rej.status, rej.body()
+        else:
+            if BATCH_FAIL_MARKER in req.last_user:
+                status = 500
+                payload = _Reject(500, "The server had an error while processing your request. Sorry about that!",
+                                  "server_error", None).body()
+            else:
+                contents, finishes, counts = self.answer(req)
+                ctoks = sum(counts)
+                status = 200
+                payload = _completion(f"chatcmpl-{req.tag}{digest[:8]}", int(time.time()), req.model, contents,
+                                      finishes, _usage(req.ptoks, ctoks))
+                batch.input_tokens += req.ptoks
+                batch.output_tokens += ctoks
+        ok = status == 200
+        if ok:
+            batch.completed += 1
+        else:
+            batch.failed += 1
+        batch.results.append((ok, {
+            "id": f"batch_req_{digest[:32]}",
+            "custom_id": custom_id,
+            "response": {"status_code": status, "request_id": f"req_{digest[8:40]}", "body": payload},
+            "error": None,
+        }))
+
+    @_guarded
+    async def create_file(self, request: web.Request) -> web.Response:
+        """POST /v1/files: a multipart upload with the fields ``file`` and ``purpose``."""
+        if request.content_type != "multipart/form-data":
+            raise _Reject(400, "Uploads must be multipart/form-data with the fields 'file' and 'purpose'.",
+                          "invalid_request_error", None)
+        data: bytes | None = None
+        filename = purpose = ""
+        try:
+            async for part in await request.multipart():
+                if not isinstance(part, BodyPartReader):
+                    continue
+                if part.name == "file":
+                    filename = part.filename or "file"
+                    data = await _read_part(part, FILE_MAX_BYTES)
+                elif part.name == "purpose":
+                    purpose = (await _read_part(part, 1024)).decode("utf-8", "replace").strip()
+        except ValueError as exc:
+            raise _Reject(400, f"Could not parse the multipart body: {exc}", "invalid_request_error", None) from None
+        if data is None:
+            raise _Reject(400, "Missing required parameter: 'file'.", "invalid_request_error",
+                          "missing_required_parameter", "file")
+        if not purpose:
+            raise _Reject(400, "Missing required parameter: 'purpose'.", "invalid_request_error",
+                          "missing_required_parameter", "purpose")
+        if purpose not in FILE_PURPOSES:
+            raise _Reject(400, f"'{purpose}' is not one of {list(FILE_PURPOSES)} - 'purpose'",
+                          "invalid_request_error", "invalid_value", "purpose")
+        self.stats.files_uploaded += 1
+        return web.json_response(self.store_file(filename, purpose, data).obj())
+
+    @_guarded
+    async def list_files(self, request: web.Request) -> web.Response:
+        """GET /v1/files: the stored files, newest first (``order=asc`` for oldest), optionally of one purpose."""
+        files = list(self.files.values())
+        if request.query.get("order", "desc") == "desc":
+            files.reverse()
+        purpose = request.query.get("purpose")
+        if purpose:
+            files = [f for f in files if f.purpose == purpose]
+        page, has_more = _page(files, request, 10_000, 10_000)
+        return web.json_response(_list_object([f.obj() for f in page], has_more))
+
+    @_guarded
+    async def get_file(self, request: web.Request) -> web.Response:
+        """GET /v1/files/{file_id}: the file object."""
+        return web.json_response(self.find_file(request).obj())
+
+    @_guarded
+    async def file_content(self, request: web.Request) -> web.Response:
+        """GET /v1/files/{file_id}/content: the file's bytes."""
+        return web.Response(body=self.find_file(request).data, content_type="application/octet-stream")
+
+    @_guarded
+    async def delete_file(self, request: web.Request) -> web.Response:
+        """DELETE /v1/files/{file_id}."""
+        file = self.find_file(request)
+        del self.files[file.id]
+        return web.json_response({"id": file.id, "object": "file", "deleted": True})
+
+    @_guarded
+    async def create_batch(self, request: web.Request) -> web.Response:
+        """POST /v1/batches: a batch of chat completions from an uploaded ``batch`` file."""
+        body = await _json_object(request)
+        for key in ("input_file_id", "endpoint", "completion_window"):
+            if body.get(key) is None:
+                raise _Reject(400, f"Missing required parameter: '{key}'.", "invalid_request_error",
+                              "missing_required_parameter", key)
+        if body["endpoint"] != BATCH_ENDPOINT:
+            raise _Reject(400, f"Invalid value: {body['endpoint']!r}. Supported values are: '{BATCH_ENDPOINT}' "
+                          "(the only batch endpoint of this mock server).", "invalid_request_error",
+                          "invalid_value", "endpoint")
+        if body["completion_window"] != "24h":
+            raise _Reject(400, f"Invalid value: {body['completion_window']!r}. Supported values are: '24h'.",
+                          "invalid_request_error", "invalid_value", "completion_window")
+        _check_metadata(body.get("metadata"))
+        file_id = body["input_file_id"]
+        file = self.files.get(file_id) if isinstance(file_id, str) else None
+        if file is None:
+            raise _Reject(400, f"Invalid 'input_file_id': no such File object: {file_id!r}.",
+                          "invalid_request_error", "invalid_value", "input_file_id")
+        if file.purpose != "batch":
+            raise _Reject(400, f"Invalid 'input_file_id': {file_id} has purpose {file.purpose!r}, not 'batch'.",
+                          "invalid_request_error", "invalid_value", "input_file_id")
+        batch = _Batch(self.new_id("batch_"), file, body.get("metadata"))
+        self.batches[batch.id] = batch
+        self.stats.batches_created += 1
+        self.stats.batch_lines += len(batch.lines)
+        return web.json_response(self.batch_object(batch))
+
+    @_guarded
+    async def list_batches(self, request: web.Request) -> web.Response:
+        """GET /v1/batches: the batches, newest first."""
+        page, has_more = _page(list(reversed(self.batches.values())), request, 20, 100)
+        return web.json_response(_list_object([self.batch_object(b) for b in page], has_more))
+
+    @_guarded
+    async def get_batch(self, request: web.Request) -> web.Response:
+        """GET /v1/batches/{batch_id}: the batch as of now."""
+        return web.json_response(self.batch_object(self.find_batch(request)))
+
+    @_guarded
+    async def cancel_batch(self, request: web.Request) -> web.Response:
+        """POST /v1/batches/{batch_id}/cancel: stop now; "cancelled" a moment later, with the lines done so far."""
+        batch = self.find_batch(request)
+        status, elapsed = self.refresh(batch)
+        if status in ("validating", "in_progress", "finalizing"):
+            batch.cancel_at = elapsed
+            batch.cancel_done = len(batch.results)
+        elif status != "cancelling":
+            raise _Reject(409, f"Cannot cancel a batch with status '{status}'.", "invalid_request_error", None)
+        return web.json_response(self.batch_object(batch))
+
     # ---- other endpoints
 
     async def list_models(self, request: web.Request) -> web.Response:
@@ -959,7 +1438,7 @@ class _MockServer:
         return web.json_response(out)
 
     async def reset_stats(self, request: web.Request) -> web.Response:
-        """POST /stats/reset: zero the counters and refill the rate-limit buckets."""
+        """POST /stats/reset: zero the counters and refill the rate-limit buckets (files and batches stay)."""
         self.stats = _Stats()
         for bucket in (self.requests_bucket, self.tokens_bucket):
             if bucket is not None:
@@ -1014,6 +1493,16 @@ def build_app(config: ServerConfig) -> web.Application:
     app.router.add_post("/stats/reset", server.reset_stats)
     app.router.add_post("/v1/stats/reset", server.reset_stats)
     app.router.add_get("/health", server.health)
+    for prefix in ("/v1", ""):
+        app.router.add_post(prefix + "/files", server.create_file)
+        app.router.add_get(prefix + "/files", server.list_files)
+        app.router.add_get(prefix + "/files/{file_id}", server.get_file)
+        app.router.add_get(prefix + "/files/{file_id}/content", server.file_content)
+        app.router.add_delete(prefix + "/files/{file_id}", server.delete_file)
+        app.router.add_post(prefix + "/batches", server.create_batch)
+        app.router.add_get(prefix + "/batches", server.list_batches)
+        app.router.add_get(prefix + "/batches/{batch_id}", server.get_batch)
+        app.router.add_post(prefix + "/batches/{batch_id}/cancel", server.cancel_batch)
     return app
 
 
@@ -1085,6 +1574,7 @@ _FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("pquota", float, "probability of a 429 insufficient_quota"),
     ("seed", int, "seed of the fault RNG"),
     ("json_schema", _bool, "accept response_format json_schema (false: 400, as older endpoints)"),
+    ("batch_seconds", float, "seconds a batch takes from creation to completed (a tenth validating, a tenth finalizing)"),
     ("max_lifetime", float, "exit after this many seconds"),
 )
 

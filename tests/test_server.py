@@ -104,7 +104,7 @@ def test_loopback_only() -> None:
 def test_cli_flags_round_trip() -> None:
     config = ServerConfig(latency_ms=50, jitter_ms=5.5, rpm=3000, tpm=200_000, burst_seconds=1, p500=0.1,
                           preset=0.05, retry_after=False, api_key="sk-x", models=("a", "b"), max_lifetime=9.0,
-                          completion_tokens_max=40, seed=7)
+                          completion_tokens_max=40, seed=7, batch_seconds=0.25)
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     assert config_from_args(parser.parse_args(config_to_argv(config))) == config
@@ -117,6 +117,8 @@ def test_invalid_config() -> None:
         ServerConfig(p500=1.5)
     with pytest.raises(ValueError):
         ServerConfig(completion_tokens=10, completion_tokens_max=5)
+    with pytest.raises(ValueError, match="batch_seconds"):
+        ServerConfig(batch_seconds=-1)
 
 
 # ----------------------------------------------------------------------------- answers
