@@ -38,7 +38,7 @@ class BatchEngine(Engine):
     batch = True
     max_lines = 50_000  # OpenAI's limits per batch input file
     max_bytes = 200 * 1024 * 1024
-    poll_interval = 10.0  # seconds between status checks
+    poll_interval = 30.0  # the longest wait between status checks; the first come after 1 s, growing 1.5x
 
     def __init__(self, *args: Any, poll_interval: float | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -133,6 +133,7 @@ class BatchEngine(Engine):
 
     async def _follow(self) -> None:
         pending = list(self.batch_ids)
+        wait = min(1.0, self.poll_interval)  # early checks catch a failed validation quickly
         while pending:
             for batch_id in list(pending):
                 batch = self.batches[batch_id] = await self._get(f"/batches/{batch_id}")
@@ -141,7 +142,8 @@ class BatchEngine(Engine):
                     pending.remove(batch_id)
             self._show()
             if pending:
-                await asyncio.sleep(self.poll_interval)
+                await asyncio.sleep(wait)
+                wait = min(self.poll_interval, wait * 1.5)
         if self.cache is not None:
             self.cache.record_job(self._job, [])
 

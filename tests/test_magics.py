@@ -134,3 +134,11 @@ def test_import_registers_the_magics_in_a_kernel(tmp_path):
         k.execute("import nbparrot", check=True)
         assert "no runs" in k.execute("%llm status", check=True).execute_result["text/html"]
         assert "Cell form" in k.execute("%llm?").text or k.execute("print(nbparrot.magics.NbparrotMagics.llm.__doc__)").stdout
+
+
+def test_batch_flag_sends_through_the_batch_api(kernel):
+    kernel.execute("import pandas as pd\ndf = pd.DataFrame({'text': [f'row {i}' for i in range(12)]})", check=True)
+    assert kernel.execute("%%llm --batch\nSay hi").error.ename == "UsageError"
+    kernel.execute("%%llm --over df --batch -o b\nSay {text}", check=True)
+    out = kernel.execute("res = await b\nprint(b.engine.batch, int(res.notna().sum()))", check=True, timeout=60)
+    assert out.stdout == "True 12\n" and kernel.server.stats()["batches_created"] == 1
