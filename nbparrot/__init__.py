@@ -58,3 +58,8 @@ __all__ = [
     "PermissionDeniedError", "ModelNotFoundError", "QuotaExceededError", "EndpointUnreachableError",
     "BudgetExceededError", "RunNotFinishedError", "RunCancelledError",
 ]
+
+import sys as _sys
+
+if "dask.dataframe" in _sys.modules:  # dask already imported: register ddf.llm / ddf.parrot too
+    from . import dask as _dask  # noqa: F401,E402

@@ -12,7 +12,7 @@ from .config import defaults, resolve_endpoint
 from .batch_api import BatchEngine
 from .engine import Engine, EngineSettings
 from .errors import ConfigError
-from .panel import make_view
+from .panel import Silent, make_view
 from .pricing import format_usd
 from .results import ColumnSink, Shape
 from .run import Run
@@ -73,6 +73,7 @@ def map(  # noqa: A001 - the name users expect, as in pandas' Series.map
     confirm: bool = False,
     mode: str = "live",
     poll_interval: float | None = None,
+    progress: bool = True,
 ) -> Run:
     """Send ``template`` rendered for every row of ``data`` to a chat-completions endpoint.
 
@@ -95,6 +96,7 @@ def map(  # noqa: A001 - the name users expect, as in pandas' Series.map
 
     ``mode="batch"`` sends the rows through the OpenAI Batch API at half price (see
     ``nbparrot.batch_api``); ``poll_interval`` is how often its status is checked (seconds).
+    ``progress=False`` shows nothing while the run goes (no panel, no text line).
     """
     model = model or defaults.model
     if not isinstance(model, str) or not model:
@@ -158,4 +160,4 @@ def map(  # noqa: A001 - the name users expect, as in pandas' Series.map
         ColumnSink(run, prepared.frame, into)
     ask = (confirm_over is not None and not confirm and estimate.requests > 0
            and (estimate.max_cost is None or estimate.max_cost > confirm_over))
-    return run.start(make_view, ask=ask)
+    return run.start(make_view if progress else Silent, ask=ask)

@@ -54,7 +54,6 @@ import types
 import typing
 import uuid
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +137,7 @@ class _Plan:
                 f"{limits + ' ' if limits else ''}shared by {self.slots} worker thread(s)>")
 
     def worker_options(self) -> dict[str, Any]:
-        return {**self.options, "api_key": self.key.reveal()}
+        return {**self.options, "api_key": self.key.reveal(), "progress": False}
 
 
 def cluster_slots() -> int:
@@ -286,57 +285,6 @@ def _conform(result: Any, dtypes: Any) -> Any:
 # ---- on the workers ---------------------------------------------------------------------
 
 
-class _QuietStderr:
-    """Stands in for ``sys.stderr`` while partitions run: what a partition's thread writes (the
-    run's progress line) is dropped, what any other thread writes goes through unchanged."""
-
-    def __init__(self, target: Any):
-        self._target = target
-
-    def write(self, text: str) -> int:
-        if getattr(_quiet, "on", False) or self._target is None:
-            return len(text)
-        return self._target.write(text)
-
-    def writelines(self, lines: Any) -> None:
-        for line in lines:
-            self.write(line)
-
-    def flush(self) -> None:
-        if self._target is not None:
-            self._target.flush()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._target, name)
-
-
-_quiet = threading.local()
-_stderr_lock = threading.Lock()
-_stderr_users = 0
-_stderr_proxy: _QuietStderr | None = None
-
-
-@contextmanager
-def _quiet_progress():
-    """Silence the progress line of the runs this thread starts (other threads are not affected)."""
-    global _stderr_users, _stderr_proxy
-    with _stderr_lock:
-        if sys.stderr is not _stderr_proxy:
-            _stderr_proxy = _QuietStderr(sys.stderr)
-            sys.stderr = _stderr_proxy
-        _stderr_users += 1
-    _quiet.on = True
-    try:
-        yield
-    finally:
-        _quiet.on = False
-        with _stderr_lock:
-            _stderr_users -= 1
-            if not _stderr_users and sys.stderr is _stderr_proxy:
-                sys.stderr = _stderr_proxy._target
-                _stderr_proxy = None
-
-
 class _SharedPacer(Pacer):
     """One pacer for every partition a worker process runs, from any of its threads."""
 
@@ -444,23 +392,21 @@ def _without_loop(work: Any) -> Any:
 
 def _partition(partition: pd.DataFrame, plan: _Plan) -> Any:
     options = plan.worker_options()
-    with _quiet_progress():
-        result = asyncio.run(_run_paced(partition, plan, options))
-        if options.get("cache") != "off":
-            api.open_cache(options["cache_dir"]).flush()  # on disk before another worker may look
+    result = asyncio.run(_run_paced(partition, plan, options))
+    if options.get("cache") != "off":
+        api.open_cache(options["cache_dir"]).flush()  # on disk before another worker may look
     return _conform(result, plan.dtypes)
 
 
 def _llm_map(partition: pd.DataFrame, plan: _Plan) -> Any:
-    """One partition, on a worker: ``nbparrot.map`` run to completion, its progress line silenced."""
+    """One partition, on a worker: ``nbparrot.map`` run to completion, with no progress display."""
     return _without_loop(lambda: _partition(partition, plan))
 
 
 def _empty_result(meta: pd.DataFrame, plan: _Plan) -> Any:
     """The result on an empty partition, computed here without a request; also checks the options."""
-    def work() -> Any:
-        with _quiet_progress():  # no loop in this thread: nbparrot runs it to completion
-            return api.map(meta, plan.template, **plan.worker_options()).result()
+    def work() -> Any:  # no loop in this thread: nbparrot runs it to completion
+        return api.map(meta, plan.template, **plan.worker_options()).result()
 
     return _without_loop(work)
 

@@ -35,8 +35,8 @@ def main(rows: int = 200) -> int:
     import nbparrot
     from nbparrot.server import ServerProcess
 
-    print(f"nbparrot demo: starting the bundled OpenAI-compatible server on 127.0.0.1 "
-          f"(50-150 ms latency, 3,000 RPM / 200,000 TPM, 2% server errors)", flush=True)
+    print("nbparrot demo: starting the bundled OpenAI-compatible server on 127.0.0.1 "
+          "(50-150 ms latency, 3,000 RPM / 200,000 TPM, 2% server errors)", flush=True)
     with ServerProcess(latency_ms=50, jitter_ms=100, rpm=3000, tpm=200_000, p500=0.02,
                        completion_tokens=8, completion_tokens_max=24, seed=7, api_key="sk-demo-key") as server:
         df = sample_reviews(rows)

@@ -158,6 +158,7 @@ class Engine:
         self._planned = False
         self._spent = 0.0  # USD of answered requests, kept only under a budget
         self._committed: dict[int, float] = {}  # row -> most its in-flight request can cost
+        self._committed_total = 0.0
         self._skip_reasons = skip_reasons or {}
         self.schema = schema
         if schema is not None:
@@ -292,7 +293,7 @@ class Engine:
     def _affordable(self, row: int, tokens: int, budget: float) -> bool:
         """Book the most this request can cost, unless spend plus what is in flight would pass the budget."""
         most = cost_of(self.model, tokens - self._reply_tokens, self._reply_tokens, batch=self.batch) or 0.0
-        committed = sum(self._committed.values()) - self._committed.get(row, 0.0)  # a row waiting for its turn
+        committed = self._committed_total - self._committed.get(row, 0.0)  # a row waiting for its turn
         if self._spent + committed + most > budget:
             self.budget_stop = BudgetExceededError(
                 f"stopped at the budget: ${self._spent:,.4f} spent of max_cost=${budget:,.4f}, and the next request "
@@ -301,6 +302,7 @@ class Engine:
                 "a rerun with a higher max_cost sends only the rest)")
             self.progress.last_error = str(self.budget_stop)
             return False
+        self._committed_total += most - self._committed.get(row, 0.0)
         self._committed[row] = most
         return True
 
@@ -380,7 +382,7 @@ class Engine:
             progress.in_flight -= 1
             progress.sent_at.pop(row, None)
             if self._committed:
-                self._committed.pop(row, None)
+                self._committed_total -= self._committed.pop(row, 0.0)
         now = loop.time()
         self._heard = True
         self.pacer.observe(headers, mark, now)

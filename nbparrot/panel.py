@@ -20,7 +20,7 @@ from .pricing import format_usd
 if TYPE_CHECKING:  # pragma: no cover
     from .run import Run
 
-__all__ = ["make_view", "Panel", "TextLine", "snapshot"]
+__all__ = ["make_view", "Panel", "TextLine", "Silent", "snapshot"]
 
 PANEL_INTERVAL = 0.1  # seconds between panel refreshes
 TEXT_INTERVAL = 0.5  # seconds between text refreshes on a terminal
@@ -34,6 +34,19 @@ def _in_kernel() -> bool:
     except ImportError:  # pragma: no cover - IPython is a dependency
         return False
     return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+class Silent:
+    """No display at all (``progress=False``): for runs inside other tools, e.g. dask workers."""
+
+    def __init__(self, run: "Run", in_loop: bool = False):
+        self.run = run
+
+    def started(self) -> None:
+        """Nothing to show."""
+
+    def finished(self) -> None:
+        """Nothing to show."""
 
 
 def make_view(run: "Run", in_loop: bool) -> "Panel | TextLine":

@@ -10,7 +10,6 @@ fail instead.
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import sys
 from pathlib import Path
 
@@ -19,7 +18,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (  # noqa: E402
-    KERNEL_VERSIONS,
     KernelHarness,
     kernel_python,
     kernel_version_id,
