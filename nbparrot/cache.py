@@ -306,6 +306,7 @@ class Cache:
         """Take whatever is queued (up to 500 rows), commit it, wake the flushes waiting on it."""
         queue = self._queue
         conn: sqlite3.Connection | None = None
+        backlog = False
         try:
             while True:
                 try:
@@ -314,7 +315,7 @@ class Cache:
                     if self._retire():
                         return
                     continue
-                if item is not _STOP and not isinstance(item, threading.Event):
+                if not backlog and item is not _STOP and not isinstance(item, threading.Event):
                     # Gather a burst: while this thread sleeps, puts are plain appends that wake nobody,
                     # so a busy run costs one commit (and one wake-up) per interval, not per answer.
                     time.sleep(_GATHER_SECONDS)
@@ -332,6 +333,7 @@ class Cache:
                         item = queue.get_nowait()
                     except Empty:
                         break
+                backlog = len(rows) >= _BATCH_ROWS  # more is waiting: the next commit need not wait
                 if rows:
                     conn = self._write(conn, rows)
                 for event in flushed:
