@@ -156,8 +156,7 @@ def map(  # noqa: A001 - the name users expect, as in pandas' Series.map
     label = prepared.templates[0] if prepared.variants == 1 else f"{prepared.variants} templates"
     run = Run(engine, prepared, model=model, label=label,
               shape=Shape(name, explode=explode, dedupe=dedupe, meta=meta))
-    if into is not None:
-        ColumnSink(run, prepared.frame, into)
     ask = (confirm_over is not None and not confirm and estimate.requests > 0
            and (estimate.max_cost is None or estimate.max_cost > confirm_over))
-    return run.start(make_view if progress else Silent, ask=ask)
+    sink = ColumnSink(run, prepared.frame, into) if into is not None else None
+    return run.start(make_view if progress else Silent, ask=ask, before=sink.begin if sink else None)

@@ -20,16 +20,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import random
 from typing import Any
 
 import aiohttp
 
 from .engine import FAILED, OK, Engine
-from .errors import FatalError, error_fields, fatal_error
+from .errors import FatalError, describe_error, error_fields, fatal_error
+from .transport import TRANSIENT_ERRORS
 
 __all__ = ["BatchEngine"]
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
+GET_ATTEMPTS = 10  # status and file downloads: retried with backoff up to a minute apart
 
 
 class BatchEngine(Engine):
@@ -83,10 +86,9 @@ class BatchEngine(Engine):
 
     def _lines(self, rows: list[int]) -> list[tuple[int, bytes]]:
         """One JSONL line per row, with a ``custom_id`` that is stable across reruns: row and request key."""
-        base = self.endpoint.base_url
         lines = []
         for row in rows:
-            key = self._keys.get(row) or _key(base, self.params, self.prompts[row])
+            key = self._keys[row]
             custom_id = f"{row}-{key[:16]}"
             self._ids[custom_id] = row
             body = {**self.params, "messages": self._messages(row)}
@@ -189,12 +191,12 @@ class BatchEngine(Engine):
             try:
                 self._answer(row, response["body"], None)
                 return
-            except (KeyError, IndexError, TypeError, ValueError):
+            except (KeyError, IndexError, TypeError, ValueError, AttributeError):
                 return self._fail(row, "unreadable answer in the batch output")
         if line.get("error"):
             return self._fail(row, f"{line['error'].get('code') or ''} {line['error'].get('message') or ''}".strip())
         message, code, _ = error_fields(json.dumps(response.get("body") or {}).encode(), self.endpoint.api_key)
-        return self._fail(row, f"{status} {code + ': ' if code else ''}{message}".strip())
+        return self._fail(row, describe_error(status, message, code))
 
     async def _cancel_remote(self) -> None:
         """Cancel our unfinished remote batches (bounded), and forget the job so a rerun starts afresh."""
@@ -202,7 +204,7 @@ class BatchEngine(Engine):
             if (self.batches.get(batch_id) or {}).get("status") not in TERMINAL:
                 try:
                     await asyncio.wait_for(self._send("POST", f"/batches/{batch_id}/cancel"), 10)
-                except (asyncio.TimeoutError, aiohttp.ClientError, FatalError):
+                except (*TRANSIENT_ERRORS, FatalError, _Transient):
                     pass
         if self.cache is not None and self._job:
             self.cache.record_job(self._job, [])
@@ -210,24 +212,35 @@ class BatchEngine(Engine):
     # ---- HTTP ---------------------------------------------------------------------------
 
     async def _get(self, path: str, raw: bool = False) -> Any:
-        return await self._send("GET", path, raw=raw)
+        """GET with patience: a batch runs for hours, so a network blip or a 5xx is waited out."""
+        for attempt in range(GET_ATTEMPTS):
+            try:
+                return await self._send("GET", path, raw=raw)
+            except (*TRANSIENT_ERRORS, _Transient) as exc:
+                if attempt == GET_ATTEMPTS - 1:
+                    raise FatalError(f"{self.endpoint.base_url}{path} keeps failing: {exc}") from None
+                self.progress.last_error = f"{path}: {exc} (retrying)"
+                await asyncio.sleep(random.uniform(0.5, 1.0) * min(60.0, 2.0 ** attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _send(self, method: str, path: str, *, raw: bool = False, **kwargs: Any) -> Any:
         url = self.endpoint.base_url + path
-        async with self._session.request(method, url, **kwargs) as response:  # type: ignore[union-attr]
+        async with self._session.request(method, url, allow_redirects=False, **kwargs) as response:  # type: ignore[union-attr]
             body = await response.read()
             if response.status != 200:
                 message, code, kind = error_fields(body, self.endpoint.api_key)
                 where = f"{response.status} from {url}"
-                raise fatal_error(response.status, message, code, kind, where) or FatalError(
-                    f"{where}: {message}", status=response.status, code=code)
+                fatal = fatal_error(response.status, message, code, kind, where)
+                if fatal is not None:
+                    raise fatal
+                if response.status >= 500 or response.status == 429:
+                    raise _Transient(f"{where}: {message}")
+                raise FatalError(f"{where}: {message}", status=response.status)
             return body.decode() if raw else json.loads(body)
 
 
-def _key(base_url: str, params: dict, messages: list) -> str:
-    from .cache import request_key
-
-    return request_key(base_url, {**params, "messages": messages})
+class _Transient(Exception):
+    """A 5xx or 429 from the Files / Batches API: worth another try for a GET."""
 
 
 def _split(lines: list[tuple[int, bytes]], max_lines: int, max_bytes: int) -> list[list[tuple[int, bytes]]]:

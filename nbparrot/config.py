@@ -89,7 +89,10 @@ def resolve_endpoint(base_url: str | None = None, api_key: str | None = None, ap
         url = url[: -len("/chat/completions")]
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"base_url {url!r} is not an http(s) URL, e.g. 'http://127.0.0.1:8000/v1'")
+        raise ConfigError(f"base_url {url.split('?')[0]!r} is not an http(s) URL, e.g. 'http://127.0.0.1:8000/v1'")
+    if parts.query or parts.fragment:  # it would be shown in panels and errors, and break the path
+        raise ConfigError("base_url must not carry a query string; pass the key as api_key= "
+                          f"(base_url given: {url.split('?')[0]!r}?...)")
     key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
     host = parts.hostname or ""
     azure = host.endswith(".openai.azure.com") or host.endswith(".cognitiveservices.azure.com")

@@ -30,8 +30,10 @@ from .errors import (
     ConfigError,
     EndpointUnreachableError,
     FatalError,
+    describe_error,
     error_fields,
     fatal_error,
+    redact,
 )
 from .pricing import Estimate, cost_of, estimate, price_of
 from .ratelimit import Pacer, retry_after_seconds
@@ -169,13 +171,14 @@ class Engine:
         self._n = int(self.params.get("n") or 1)
         self._reply_tokens = self._n * int(self.params.get("max_tokens") or self.params.get("max_completion_tokens") or 0)
         self._prefix = self._encode_prefix()
+        self._version = 0  # bumped when the shared parameters change mid-run (see _switch_and_resend)
         self._pending: deque[int] = deque()
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: dict[asyncio.Task, int] = {}  # attempt in flight -> its row
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._failures: dict[int, int] = {}  # row -> retryable errors so far
         self._waits: dict[int, int] = {}  # row -> 429 waits so far
         self._limit = 1  # concurrency in force: 1 until the endpoint has accepted us
-        self._opened = False
+        self._opened = False  # the endpoint has answered something other than a fatal or 5xx error
         self._heard = False  # any HTTP answer at all
         self._in_flight = 0
         self._unsettled = 0
@@ -197,14 +200,15 @@ class Engine:
                 self._settle_skipped(i)
             else:
                 rows.append(i)
-        if self.cache is not None and rows:
+        if (self.cache is not None or self.batch) and rows:  # a batch names its lines by these keys too
             base, params = self.endpoint.base_url, self.params
             keys = self._keys
             for i in rows:
                 keys[i] = request_key(base, {**params, "messages": self.prompts[i]})
-            found = self.cache.get_many([] if self._refresh else list(keys.values()))  # [] still checks it opens
+        if self.cache is not None and rows:
+            found = self.cache.get_many([] if self._refresh else list(self._keys.values()))  # [] checks it opens
             if found:
-                rows = [i for i in rows if not self._settle_cached(i, found.get(keys[i]))]
+                rows = [i for i in rows if not self._settle_cached(i, found.get(self._keys[i]))]
         self._pending.extend(rows)
         self._unsettled = len(rows)
         prompt_tokens = sum(self.cost(i) for i in rows) - self._reply_tokens * len(rows)
@@ -247,9 +251,11 @@ class Engine:
             try:
                 await self._dispatch()
             finally:  # before the session closes, or in-flight requests would fail as disconnects
-                await self._stop()
-                progress.finished = loop.time()
-                progress.emit("finished", -1)
+                try:
+                    await self._stop()
+                finally:
+                    progress.finished = loop.time()
+                    progress.emit("finished", -1)
         return self.outcomes
 
     def cost(self, row: int) -> int:
@@ -272,12 +278,12 @@ class Engine:
                 continue
             row = pending[0]
             cost = self.cost(row)
-            if budget is not None and not self._affordable(row, cost, budget):
-                continue
             if pacer.too_large(cost):
                 pending.popleft()
                 self._fail(row, f"request needs about {cost} tokens, more than the whole "
                                 f"tokens-per-minute limit ({pacer.tokens.limit:.0f}); shorten the prompt or max_tokens")
+                continue
+            if budget is not None and not self._affordable(row, cost, budget):
                 continue
             delay = pacer.delay(cost, loop.time())
             if delay > 0:
@@ -287,7 +293,7 @@ class Engine:
             mark = pacer.take(cost, loop.time())
             self._in_flight += 1
             task = loop.create_task(self._attempt(row, mark))
-            self._tasks.add(task)
+            self._tasks[task] = row
             task.add_done_callback(self._task_done)
 
     def _affordable(self, row: int, tokens: int, budget: float) -> bool:
@@ -307,8 +313,11 @@ class Engine:
         return True
 
     def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
+        row = self._tasks.pop(task)
         self._in_flight -= 1
+        if not task.cancelled() and task.exception() is not None and self.outcomes[row].status == PENDING:
+            # A bug must cost one row, never hang the run waiting for it.
+            self._fail(row, f"internal error: {type(task.exception()).__name__}: {task.exception()}")
         self._notify()
 
     async def _wait(self, delay: float | None = None) -> None:
@@ -336,8 +345,13 @@ class Engine:
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+        finally:  # a second cancel while gathering must not leave rows pending
+            self._mark_unsent()
+
+    def _mark_unsent(self) -> None:
         if self.fatal:
             reason = f"not sent: the run stopped ({self.fatal})"
         elif self.budget_stop:
@@ -372,6 +386,7 @@ class Engine:
         sent = progress.sent_at[row] = loop.time()
         if progress._listeners:
             progress.emit("sent", row)
+        version = self._version
         body = b"".join((self._prefix, json.dumps(self._messages(row)).encode(), b"}"))
         try:
             status, headers, raw = await self._transport.post(body)
@@ -390,9 +405,9 @@ class Engine:
             try:
                 self._answer(row, json.loads(raw), now - sent)
             except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-                self._retry(row, f"unreadable answer from the endpoint: {raw[:200]!r}")
+                self._retry(row, f"unreadable answer from the endpoint: {redact(repr(raw[:200]), self.endpoint.api_key)}")
             return
-        self._error(row, status, headers, raw)
+        self._error(row, status, headers, raw, version)
 
     def _messages(self, row: int) -> list:
         messages = self.prompts[row]
@@ -452,7 +467,7 @@ class Engine:
         self._requeue(row)
         return None
 
-    def _error(self, row: int, status: int, headers: Mapping[str, str], raw: bytes) -> None:
+    def _error(self, row: int, status: int, headers: Mapping[str, str], raw: bytes, version: int) -> None:
         message, code, kind = error_fields(raw, self.endpoint.api_key)
         fatal = fatal_error(status, message, code, kind, f"{status} from {self.endpoint.chat_url}")
         if fatal is not None:
@@ -462,6 +477,12 @@ class Engine:
                 return self._fail(row, f"429 request too large: {message}")
             self._open()
             return self._rate_limited(row, retry_after_seconds(headers, message))
+        if 300 <= status < 400:
+            return self._stop_run(FatalError(
+                f"{status} from {self.endpoint.chat_url}: the endpoint redirects (to {headers.get('location', '?')}); "
+                "set base_url to the final address", status=status))
+        if status in (400, 422) and version != self._version:
+            return self._requeue(row)  # refused under parameters that have since been switched: resend
         if status == 400 and "max_tokens" in self.params and "max_completion_tokens" in message:
             # Newer OpenAI models refuse max_tokens; switch the whole run once and resend.
             self.params["max_completion_tokens"] = self.params.pop("max_tokens")
@@ -475,10 +496,11 @@ class Engine:
         if status in _RETRY_STATUS or status >= 500:
             return self._retry(row, f"{status} {message or 'server error'}".strip())
         self._open()  # the endpoint took the key and the model: this row's request is at fault
-        return self._fail(row, f"{status} {code + ': ' if code else ''}{message}".strip())
+        return self._fail(row, describe_error(status, message, code))
 
     def _switch_and_resend(self, row: int) -> None:
         """After changing the shared parameters, re-encode them and send the row again."""
+        self._version += 1
         self._prefix = self._encode_prefix()
         self._requeue(row)
 
@@ -495,7 +517,7 @@ class Engine:
         failures = self._failures[row] = self._failures.get(row, 0) + 1
         self.progress.last_error = reason
         if failures > self.settings.max_retries:
-            if not self._heard and not self._opened:
+            if not self._heard:
                 return self._stop_run(EndpointUnreachableError(
                     f"could not reach {self.endpoint.base_url} ({reason}); is the server running and base_url right?"))
             return self._fail(row, reason)

@@ -27,6 +27,7 @@ __all__ = [
     "redact",
     "error_fields",
     "fatal_error",
+    "describe_error",
 ]
 
 
@@ -83,7 +84,7 @@ class RunNotFinishedError(NbparrotError):
 
 
 class RunCancelledError(NbparrotError):
-    """Raised by ``Run.result(strict=True)`` for a cancelled run."""
+    """Raised by ``await run`` when the awaiting cell is interrupted (the run is cancelled too)."""
 
 
 _KEY_PATTERN = re.compile(r"\b(sk-[A-Za-z0-9_\-]{4})[A-Za-z0-9_\-]{8,}")
@@ -123,3 +124,8 @@ def fatal_error(status: int, message: str, code: str | None, kind: str | None, w
     if status == 404:
         return ModelNotFoundError(f"{where}: {message or 'not found (is base_url right?)'}", status=status, code=code)
     return None
+
+
+def describe_error(status: int | None, message: str, code: object = None) -> str:
+    """One line for a row's error: status, the provider's code (any type) and message."""
+    return " ".join(part for part in (str(status) if status else "", f"{code}:" if code else "", message) if part)

@@ -164,6 +164,7 @@ def prepare(data: Any, template: str | Sequence[Mapping[str, str]], *, system: s
                         prompts[request] = None
                         prepared.skip_reasons[request] = f"skipped: missing value in {f!r}"
     prepared.prompts = prompts
-    prepared.templates = ([template] if isinstance(template, str) else list(template) if len(variants) > 1
+    several = not isinstance(template, str) and all(isinstance(t, str) for t in template)
+    prepared.templates = ([template] if isinstance(template, str) else list(template) if several
                           else [json.dumps(list(map(dict, template)))])
     return prepared

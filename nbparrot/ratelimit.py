@@ -152,8 +152,11 @@ class Pacer:
         if self.requests is not None:
             w = self.requests.wait(1.0, now)
             wait = w if w > wait else wait
-        if self.tokens is not None:
-            w = self.tokens.wait(cost, now)
+        tokens = self.tokens
+        if tokens is not None:
+            # A request larger than the capacity learned from the headers (a short window, or one
+            # near its end) goes when the bucket is full; waiting for more would wait for ever.
+            w = tokens.wait(cost if cost < tokens.capacity else tokens.capacity, now)
             wait = w if w > wait else wait
         return wait if wait > 0 else 0.0
 

@@ -153,13 +153,15 @@ class ColumnSink:
     interval = 0.2
 
     def __init__(self, run: "Run", frame: Any, column: str):
-        import pandas as pd
-
         self.run, self.frame, self.column = run, frame, column
-        frame[column] = pd.Series([None] * len(frame), index=frame.index, dtype=object)
         self._landed: list[int] = []
         self._timer = None
-        run.progress.subscribe(self._on_event)
+
+    def begin(self) -> None:
+        """Set up the column once the run is sure to start: rows already answered (from the
+        cache) filled in, the others NA; then follow the answers as they land."""
+        self.frame[self.column] = _objects([_answer_of(self.run, o) for o in self.run.outcomes])
+        self.run.progress.subscribe(self._on_event)
 
     def _on_event(self, event: str, row: int) -> None:
         if event == "done":
@@ -179,4 +181,14 @@ class ColumnSink:
             return
         outcomes = self.run.outcomes
         position = self.frame.columns.get_loc(self.column)
-        self.frame.iloc[landed, position] = [_answer_of(self.run, outcomes[k]) for k in landed]
+        self.frame.iloc[landed, position] = _objects([_answer_of(self.run, outcomes[k]) for k in landed])
+
+
+def _objects(values: list) -> Any:
+    """A 1-d object array of ``values`` (lists and dicts stay whole, one per cell)."""
+    import numpy as np
+
+    array = np.empty(len(values), dtype=object)
+    for k, value in enumerate(values):
+        array[k] = value
+    return array

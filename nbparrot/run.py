@@ -31,8 +31,8 @@ _usage: dict[tuple[str, bool], dict[str, int]] = {}  # (model, batch) -> session
 
 
 def live_runs() -> list["Run"]:
-    """Runs started in this process that have not finished yet."""
-    return list(_live.values())
+    """Runs started in this process that have not finished yet (safe from any thread)."""
+    return list(_live.copy().values())
 
 
 def record_usage(model: str, *, requests: int = 0, prompt_tokens: int = 0, completion_tokens: int = 0,
@@ -77,10 +77,12 @@ class Run:
 
     # ---- starting -----------------------------------------------------------------------
 
-    def start(self, view_factory: Callable[["Run", bool], Any], *, ask: bool = False) -> "Run":
+    def start(self, view_factory: Callable[["Run", bool], Any], *, ask: bool = False,
+              before: Callable[[], None] | None = None) -> "Run":
         """Start on the running loop (returns at once) or, with none, run to completion here.
 
         ``ask``: the view must get the user's go-ahead (Run / Cancel) before any request.
+        ``before`` is called once every check has passed, just before the run starts.
         """
         try:
             loop = asyncio.get_running_loop()
@@ -92,6 +94,8 @@ class Run:
                 raise ConfigError(f"this run is estimated at {self.engine.estimate}, above confirm_over; "
                                   "pass confirm=True to run it anyway")
             self._confirmation = loop.create_future()
+        if before is not None:
+            before()
         if loop is None:
             self._run_here()
         else:
@@ -102,6 +106,7 @@ class Run:
         self._loop, self._loop_thread = loop, threading.get_ident()
         _live[self.id] = self
         self._task = loop.create_task(self._main())
+        self._task.add_done_callback(self._finalize)
         self.view.started()
 
     def _run_here(self) -> None:
@@ -109,6 +114,7 @@ class Run:
         loop = asyncio.new_event_loop()
         self._loop, self._loop_thread = loop, threading.get_ident()
         self._task = loop.create_task(self._main())
+        self._task.add_done_callback(self._finalize)
         previous = None
         if threading.current_thread() is threading.main_thread():
             def on_sigint(signum: int, frame: Any) -> None:
@@ -138,12 +144,22 @@ class Run:
         except BaseException as exc:  # noqa: BLE001 - a run must never die silently
             self._crash = exc
         finally:
-            _live.pop(self.id, None)
-            p = self.progress
-            record_usage(self.model, requests=p.requests, prompt_tokens=p.prompt_tokens,
-                         completion_tokens=p.completion_tokens, cached=p.cached, batch=self.engine.batch)
-            self._finished.set()
-            self.view.finished()
+            self._finalize()
+
+    def _finalize(self, task: asyncio.Task | None = None) -> None:
+        """Close the books once: from ``_main``, or from the task's done callback when the task
+        was cancelled before its first step (then ``_main`` never ran at all)."""
+        if self._finished.is_set():
+            return
+        if any(o.status == "pending" for o in self.engine.outcomes):
+            self._cancel_requested = True
+            self.engine.abandon("not sent: the run was cancelled before it started")
+        _live.pop(self.id, None)
+        p = self.progress
+        record_usage(self.model, requests=p.requests, prompt_tokens=p.prompt_tokens,
+                     completion_tokens=p.completion_tokens, cached=p.cached, batch=self.engine.batch)
+        self._finished.set()
+        self.view.finished()
 
     # ---- state --------------------------------------------------------------------------
 
@@ -282,13 +298,16 @@ class Run:
 
     def cancel(self) -> None:
         """Stop the run: in-flight requests are cancelled, finished rows kept. Safe from any thread."""
-        if self.done() or self._task is None:
-            return
+        if self.done() or self._task is None or self._cancel_requested:
+            return  # once is enough: a second cancel must not interrupt the first one's cleanup
         self._cancel_requested = True
         if threading.get_ident() == self._loop_thread:
             self._task.cancel()
         else:
-            self._loop.call_soon_threadsafe(self._task.cancel)
+            try:
+                self._loop.call_soon_threadsafe(self._task.cancel)
+            except RuntimeError:  # the loop has just closed: the run is over anyway
+                pass
 
     # ---- guards and display -------------------------------------------------------------
 

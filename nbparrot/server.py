@@ -84,6 +84,7 @@ DEFAULT_MAX_TOKENS_CHARGE = 4096
 NOT_JSON_MARKER = "<<not-json>>"  # anywhere in the prompt: never valid JSON (a re-ask fails too)
 NOT_JSON_ONCE_MARKER = "<<not-json-once>>"  # in the last user message: one bad answer (a re-ask succeeds)
 LIST_JSON_MARKER = "<<list-json>>"
+NUMERIC_CODE_MARKER = "<<numeric-code>>"  # in the last user message: a 400 whose error code is a number
 BATCH_FAIL_MARKER = "<<batch-fail>>"  # in the last user message of a batch line: that line fails with a 500
 #: The Batch API as OpenAI documents it: one endpoint served here, a 24 h window, limits per input file.
 BATCH_ENDPOINT = "/v1/chat/completions"
@@ -492,7 +493,7 @@ class _Stats:
 class _Reject(Exception):
     """A ready-made error response raised from request parsing."""
 
-    def __init__(self, status: int, message: str, type_: str, code: str | None, param: str | None = None):
+    def __init__(self, status: int, message: str, type_: str, code: str | int | None, param: str | None = None):
         """Keep the pieces of an OpenAI-style error body."""
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
@@ -950,6 +951,8 @@ class _MockServer:
                 req.schema = schema
             req.fmt = fmt
         req.greedy = body.get("temperature") == 0  # at temperature 0 every choice is the same answer, as in practice
+        if NUMERIC_CODE_MARKER in req.last_user:  # some gateways and vLLM builds send numeric codes
+            raise _Reject(400, "This request was rejected (numeric error code).", "BadRequestError", 400)
         ptoks = req.ptoks
         total = ptoks + (max_tokens or 0)
         if ptoks > cfg.context_window or (max_tokens is not None and total > cfg.context_window):

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import aiohttp
 
 from .config import Endpoint
-from .errors import FatalError, NbparrotError, error_fields, fatal_error
+from .errors import FatalError, NbparrotError, describe_error, error_fields, fatal_error
 from .ratelimit import retry_after_seconds
 from .transport import TRANSIENT_ERRORS
 
@@ -46,7 +46,7 @@ async def stream_chat(endpoint: Endpoint, body: dict, on_text: Callable[[list[st
             result = StreamResult(n)
             wait = None
             try:
-                async with session.post(endpoint.chat_url, data=data) as response:
+                async with session.post(endpoint.chat_url, data=data, allow_redirects=False) as response:
                     if response.status != 200:
                         raw = await response.read()
                         wait = _check(response.status, response.headers, raw, endpoint)
@@ -76,7 +76,8 @@ def _check(status: int, headers: Any, raw: bytes, endpoint: Endpoint) -> float |
         raise fatal
     if status == 429 or status in (408, 409) or status >= 500:
         return retry_after_seconds(headers, message)
-    raise FatalError(f"{where}: {code + ': ' if code else ''}{message}", status=status, code=code)
+    raise FatalError(f"{endpoint.base_url}: {describe_error(status, message, code)}", status=status,
+                     code=code if isinstance(code, str) else None)
 
 
 async def _read_events(response: aiohttp.ClientResponse, result: StreamResult,

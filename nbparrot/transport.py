@@ -45,11 +45,7 @@ class Transport:
 
     async def post(self, body: bytes) -> tuple[int, Any, bytes]:
         """Send one request; returns status, headers (case-insensitive mapping) and body bytes."""
-        async with self._session.post(self._url, data=body) as response:  # type: ignore[union-attr]
+        # No redirects: a key in a custom header (Azure's api-key) would follow one to another host.
+        async with self._session.post(self._url, data=body, allow_redirects=False) as response:  # type: ignore[union-attr]
             data = await response.read()
             return response.status, response.headers, data
-
-    async def get(self, path: str) -> tuple[int, bytes]:
-        """GET ``base_url + path`` (for ``/models``)."""
-        async with self._session.get(self.endpoint.base_url + path) as response:  # type: ignore[union-attr]
-            return response.status, await response.read()

@@ -216,3 +216,21 @@ def test_df_parrot_when_another_package_owns_df_llm():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("True LLMAccessor") and "available as df.parrot" in out.stdout
+
+
+def test_a_list_of_one_template_is_just_that_template(server, opts):
+    result = pd.DataFrame({"food": ["kale"]}).llm.map(["I like {food}"], **opts).result()
+    assert result.iloc[0].startswith(f"[{expected_tag(user('I like kale'))}]")
+
+
+def test_into_on_a_rerun_keeps_cached_answers_and_takes_lists(server, opts):
+    df = pd.DataFrame({"text": [f"t{i}" for i in range(6)]})
+    df.iloc[:3].llm.map("Say {text}", **opts).result()  # half the rows answered before
+    df.llm.map("Say {text}", into="said", **opts).result()
+    assert df["said"].notna().all() and server.stats()["requests"] == 6
+    df.llm.map("Say {text}", into="many", n=2, **opts).result()
+    assert df["many"].map(len).tolist() == [2] * 6
+    before = df["said"].copy()
+    with pytest.raises(nbparrot.ConfigError, match="confirm=True"):
+        df.llm.map("Other {text}", into="said", confirm_over=1e-9, **opts)
+    assert df["said"].equals(before)  # a refused run leaves the column alone

@@ -201,3 +201,27 @@ def test_assigning_an_unfinished_run_to_a_column_is_refused(make_server):
     df = asyncio.run(scenario())
     assert df["answer"].str.startswith("[").all()
     assert df.loc["id7", "answer"].startswith(f"[{own_tag(7)}]")
+
+
+def test_numeric_error_codes_fail_their_row_and_never_hang_the_run(make_server):
+    server = make_server()
+    df = frame(6)
+    df.loc["id4", "text"] = "refuse me <<numeric-code>>"
+    run = nbparrot.map(df, "Say: {text}", base_url=server.base_url, api_key=KEY)
+    result = run.result()
+    assert result.isna().tolist() == [i == 4 for i in range(6)]
+    assert run.errors.loc["id4", "error"].startswith("400 400: This request was rejected")
+
+
+def test_a_request_larger_than_the_learned_window_still_goes(make_server):
+    """A 1 s window of 1,000 tokens and a row of ~1,300: it must not wait for ever at the head of the queue."""
+    server = make_server(tpm=60_000, burst_seconds=1)
+    df = frame(10)
+    df.loc["id5", "text"] = "long " * 1000
+    run = nbparrot.map(df, "Say: {text}", base_url=server.base_url, api_key=KEY, max_tokens=16, backoff=0.05,
+                       timeout=5)
+    run.partial()
+    statuses = [o.status for o in run.outcomes]
+    assert statuses.count(OK) >= 9 and statuses.count(OK) + statuses.count(FAILED) == 10
+    if statuses[5] == FAILED:  # the server's own verdict, not a hang
+        assert "too large" in run.outcomes[5].error

@@ -175,3 +175,9 @@ def test_confirm_over_asks_in_the_panel_before_any_request(kernel, make_server):
                             check=True, timeout=60)
     assert report.stdout == "finished 100 cancelled 10\n"
     assert server.stats()["requests"] == 100
+    # cancelled while the question is still up: every row says so, none is left pending
+    kernel.execute(f"asked = nbparrot.map(rows[:7], 'Ask {{text}}', base_url={server.base_url!r}, api_key={KEY!r}, "
+                   "confirm_over=0.0001)\nasked.cancel()", check=True)
+    out = kernel.execute("await asyncio.wait({asked._task})\n"
+                         "print(asked.status, [o.status for o in asked.outcomes].count('cancelled'))", check=True)
+    assert out.stdout == "cancelled 7\n" and server.stats()["requests"] == 100
