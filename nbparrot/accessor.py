@@ -30,23 +30,40 @@ class LLMAccessor:
         return api.map(self._frame, template, **options)
 
 
-_signature = inspect.signature(api.map)
-LLMAccessor.map.__signature__ = _signature.replace(  # type: ignore[attr-defined]
-    parameters=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)]
-    + [p for name, p in _signature.parameters.items() if name != "data"])
-LLMAccessor.map.__doc__ = (LLMAccessor.map.__doc__ or "") + "\n\n" + (api.map.__doc__ or "")
+def copy_map_signature(method: Any) -> None:
+    """Give an accessor's ``map(template, **options)`` the signature and docs of ``nbparrot.map``."""
+    signature = inspect.signature(api.map)
+    method.__signature__ = signature.replace(
+        parameters=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)]
+        + [p for name, p in signature.parameters.items() if name != "data"])
+    method.__doc__ = (method.__doc__ or "") + "\n\n" + (api.map.__doc__ or "")
+
+
+def register_accessors(owner: type, register_accessor: Any, accessor: type, shown: str) -> list[str]:
+    """Register ``.parrot`` always and ``.llm`` unless another package owns it; returns the names.
+
+    ``owner`` is the frame class (pandas' or dask's), ``register_accessor`` its library's
+    registration function, ``shown`` how users write it ("df", "ddf"). Registering our own
+    accessor again (a module reload) is silent.
+    """
+    ours = lambda existing: getattr(existing, "__qualname__", None) == accessor.__qualname__  # noqa: E731
+    names = ["parrot"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        register_accessor("parrot")(accessor)
+        existing = getattr(owner, "llm", None)  # an accessor class, or whatever else holds the name
+        if existing is None or ours(existing):
+            register_accessor("llm")(accessor)
+            return names + ["llm"]
+    where = getattr(existing, "__module__", None) or type(existing).__name__
+    warnings.warn(f"{shown}.llm is already registered by another package ({where}); "
+                  f"nbparrot is available as {shown}.parrot", stacklevel=3)
+    return names
+
+
+copy_map_signature(LLMAccessor.map)
 
 
 def register() -> list[str]:
-    """Register ``df.parrot`` always and ``df.llm`` unless another package owns it; returns the names."""
-    names = ["parrot"]
-    pd.api.extensions.register_dataframe_accessor("parrot")(LLMAccessor)
-    existing = getattr(pd.DataFrame, "llm", None)  # an accessor class, or whatever else holds the name
-    if existing is None or existing is LLMAccessor:
-        pd.api.extensions.register_dataframe_accessor("llm")(LLMAccessor)
-        names.append("llm")
-    else:
-        where = getattr(existing, "__module__", None) or type(existing).__name__
-        warnings.warn(f"df.llm is already registered by another package ({where}); "
-                      "nbparrot is available as df.parrot", stacklevel=3)
-    return names
+    """Register ``df.parrot`` and, unless another package owns it, ``df.llm``."""
+    return register_accessors(pd.DataFrame, pd.api.extensions.register_dataframe_accessor, LLMAccessor, "df")

@@ -53,7 +53,6 @@ import threading
 import types
 import typing
 import uuid
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +62,7 @@ import pandas as pd
 from dask.dataframe.extensions import register_dataframe_accessor
 
 from . import api
+from .accessor import copy_map_signature, register_accessors
 from .cache import default_cache_dir
 from .config import defaults, resolve_endpoint
 from .errors import ConfigError, NbparrotError
@@ -436,29 +436,12 @@ class DaskLLMAccessor:
         return frame.map_partitions(_llm_map, plan, meta=meta, enforce_metadata=True)
 
 
-_signature = inspect.signature(api.map)
-DaskLLMAccessor.map.__signature__ = _signature.replace(  # type: ignore[attr-defined]
-    parameters=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)]
-    + [p for name, p in _signature.parameters.items() if name != "data"])
-DaskLLMAccessor.map.__doc__ = (DaskLLMAccessor.map.__doc__ or "") + "\n\n" + (api.map.__doc__ or "")
+copy_map_signature(DaskLLMAccessor.map)
 
 
 def register() -> list[str]:
-    """Register ``ddf.parrot`` always and ``ddf.llm`` unless another package owns it; returns the names."""
-    names = ["parrot"]
-    with warnings.catch_warnings():  # re-registering our own accessor (a reload) is not news
-        warnings.simplefilter("ignore", UserWarning)
-        if getattr(dd.DataFrame, "parrot", None) is not DaskLLMAccessor:
-            register_dataframe_accessor("parrot")(DaskLLMAccessor)
-        existing = getattr(dd.DataFrame, "llm", None)
-        if existing is None or getattr(existing, "__qualname__", None) == DaskLLMAccessor.__qualname__:
-            register_dataframe_accessor("llm")(DaskLLMAccessor)
-            names.append("llm")
-            return names
-    where = getattr(existing, "__module__", None) or type(existing).__name__
-    warnings.warn(f"ddf.llm is already registered by another package ({where}); "
-                  "nbparrot is available as ddf.parrot", stacklevel=3)
-    return names
+    """Register ``ddf.parrot`` and, unless another package owns it, ``ddf.llm``."""
+    return register_accessors(dd.DataFrame, register_dataframe_accessor, DaskLLMAccessor, "ddf")
 
 
 register()
