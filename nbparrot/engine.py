@@ -167,6 +167,7 @@ class Engine:
             self.params["response_format"] = schema.response_format()
         self._preamble: list[dict] = []  # messages put before every row's (the json_object fallback)
         self._extra: dict[int, list[dict]] = {}  # row -> messages after its own (a re-ask)
+        self._costs: dict[int, int] = {}  # row -> its budgeted tokens, until its messages change
         self._reasks: dict[int, int] = {}
         self._n = int(self.params.get("n") or 1)
         self._reply_tokens = self._n * int(self.params.get("max_tokens") or self.params.get("max_completion_tokens") or 0)
@@ -259,8 +260,11 @@ class Engine:
         return self.outcomes
 
     def cost(self, row: int) -> int:
-        """Tokens a row's request is budgeted at: prompt estimate + n x max_tokens."""
-        return estimate_prompt_tokens(self._messages(row)) + self._reply_tokens
+        """Tokens a row's request is budgeted at: prompt estimate + n x max_tokens (memoised per row)."""
+        tokens = self._costs.get(row)
+        if tokens is None:
+            tokens = self._costs[row] = estimate_prompt_tokens(self._messages(row)) + self._reply_tokens
+        return tokens
 
     # ---- dispatch -----------------------------------------------------------------------
 
@@ -464,6 +468,7 @@ class Engine:
             return self._fail(row, f"no answer matching the schema after {reasks} tries: {problem}")
         self._extra[row] = [{"role": "assistant", "content": answer if isinstance(answer, str) else ""},
                             {"role": "user", "content": self.schema.reask(problem)}]
+        self._costs.pop(row, None)
         self._requeue(row)
         return None
 
@@ -492,6 +497,7 @@ class Engine:
             # The endpoint has no json_schema mode: ask for json_object and put the schema in words.
             self.params["response_format"] = {"type": "json_object"}
             self._preamble = [{"role": "system", "content": self.schema.instruction()}]
+            self._costs.clear()
             return self._switch_and_resend(row)
         if status in _RETRY_STATUS or status >= 500:
             return self._retry(row, f"{status} {message or 'server error'}".strip())
