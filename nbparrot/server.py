@@ -490,6 +490,14 @@ class _Stats:
         }
 
 
+def _find(store: dict, key: str, message: str, param: str) -> Any:
+    """``store[key]``, or a 404 with OpenAI's wording for that kind of object."""
+    found = store.get(key)
+    if found is None:
+        raise _Reject(404, message.format(key), "invalid_request_error", None, param)
+    return found
+
+
 class _Reject(Exception):
     """A ready-made error response raised from request parsing."""
 
@@ -1234,19 +1242,11 @@ class _MockServer:
 
     def find_file(self, request: web.Request) -> _StoredFile:
         """The file named by the URL, or a 404."""
-        file_id = request.match_info["file_id"]
-        file = self.files.get(file_id)
-        if file is None:
-            raise _Reject(404, f"No such File object: {file_id}", "invalid_request_error", None, "id")
-        return file
+        return _find(self.files, request.match_info["file_id"], "No such File object: {}", "id")
 
     def find_batch(self, request: web.Request) -> _Batch:
         """The batch named by the URL, or a 404."""
-        batch_id = request.match_info["batch_id"]
-        batch = self.batches.get(batch_id)
-        if batch is None:
-            raise _Reject(404, f"No batch found with id '{batch_id}'.", "invalid_request_error", None, "batch_id")
-        return batch
+        return _find(self.batches, request.match_info["batch_id"], "No batch found with id '{}'.", "batch_id")
 
     def refresh(self, batch: _Batch) -> tuple[str, float]:
         """Bring ``batch`` up to now: answer the lines due, write the output files once it is over."""

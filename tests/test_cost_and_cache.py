@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -97,22 +95,12 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_sigkill_mid_run_then_rerun_sends_exactly_the_unanswered_rows(make_server, tmp_path):
+def test_sigkill_mid_run_then_rerun_sends_exactly_the_unanswered_rows(make_server, tmp_path, interrupt_after_answers):
     server = make_server(latency_ms=40)
     script = tmp_path / "batch.py"
     script.write_text(SCRIPT)
     argv = [sys.executable, str(script), server.base_url, KEY]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 30
-        while sum(server.stats()["answered"].values()) < 60:
-            assert time.monotonic() < deadline and proc.poll() is None, "the first run did not get going"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    interrupt_after_answers(argv, server, 60, signal.SIGKILL)
     server.reset()
     rerun = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert rerun.returncode == 0, rerun.stderr

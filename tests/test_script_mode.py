@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -32,22 +30,12 @@ def test_script_runs_to_completion(make_server, tmp_path):
     assert "run 1 finished: 300/300 answered" in proc.stderr
 
 
-def test_ctrl_c_cancels_and_keeps_finished_rows(make_server, tmp_path):
+def test_ctrl_c_cancels_and_keeps_finished_rows(make_server, tmp_path, interrupt_after_answers):
     server = make_server(latency_ms=100)
     script = tmp_path / "batch.py"
     script.write_text(SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script), server.base_url], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 30
-        while sum(server.stats()["answered"].values()) < 12:
-            assert time.monotonic() < deadline and proc.poll() is None, "the run did not get going"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc, out, err = interrupt_after_answers([sys.executable, str(script), server.base_url], server, 12,
+                                             signal.SIGINT, text=True)
     assert proc.returncode == 0, err
     report = json.loads(out.strip().splitlines()[-1])
     assert report["status"] == "cancelled" and report["pending"] == 0
