@@ -98,6 +98,7 @@ def map(  # noqa: A001 - the name users expect, as in pandas' Series.map
     ``nbparrot.batch_api``); ``poll_interval`` is how often its status is checked (seconds).
     ``progress=False`` shows nothing while the run goes (no panel, no text line).
     """
+    # Every argument is checked before the rows are rendered, and all of it before any request.
     model = model or defaults.model
     if not isinstance(model, str) or not model:
         raise ConfigError(f"model must be a model name, not {model!r}")
@@ -109,11 +110,22 @@ def map(  # noqa: A001 - the name users expect, as in pandas' Series.map
         backoff_base=float(backoff),
         rpm=rpm,
         tpm=tpm,
+        max_reasks=max_reasks,
+        max_cost=max_cost,
     )
     if settings.max_retries < 0:
         raise ConfigError(f"max_retries must be 0 or more, not {settings.max_retries!r}")
     if settings.timeout <= 0:
         raise ConfigError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    if max_reasks < 0:
+        raise ConfigError(f"max_reasks must be 0 or more, not {max_reasks!r}")
+    if max_cost is not None and not max_cost > 0:
+        raise ConfigError(f"max_cost must be a positive number of USD, not {max_cost!r}")
+    cache_mode = defaults.cache if cache is None else cache
+    if cache_mode not in CACHE_MODES:
+        raise ConfigError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache_mode!r}")
+    if mode not in ("live", "batch"):
+        raise ConfigError(f"mode must be 'live' or 'batch', not {mode!r}")
     body: dict[str, Any] = {"model": model}
     token_field = "max_completion_tokens" if endpoint.is_openai else "max_tokens"
     body[token_field] = _positive_int("max_tokens", defaults.max_tokens if max_tokens is None else max_tokens)
@@ -126,9 +138,6 @@ def map(  # noqa: A001 - the name users expect, as in pandas' Series.map
             raise ConfigError(f"params may not set {key!r}")
         body[key] = value
     parsed_schema = Schema(schema) if schema is not None else None
-    if max_reasks < 0:
-        raise ConfigError(f"max_reasks must be 0 or more, not {max_reasks!r}")
-    settings.max_reasks = max_reasks
     prepared = prepare(data, template, system=system if system is not None else defaults.system,
                        on_missing=on_missing)
     if into is not None:
@@ -136,14 +145,6 @@ def map(  # noqa: A001 - the name users expect, as in pandas' Series.map
             raise ConfigError("into= fills a DataFrame column; data is a list of dicts")
         if prepared.variants > 1 or explode:
             raise ConfigError("into= needs one answer per row: it cannot be used with several templates or explode=True")
-    cache_mode = defaults.cache if cache is None else cache
-    if cache_mode not in CACHE_MODES:
-        raise ConfigError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache_mode!r}")
-    if max_cost is not None and not max_cost > 0:
-        raise ConfigError(f"max_cost must be a positive number of USD, not {max_cost!r}")
-    settings.max_cost = max_cost
-    if mode not in ("live", "batch"):
-        raise ConfigError(f"mode must be 'live' or 'batch', not {mode!r}")
     kind = BatchEngine if mode == "batch" else Engine
     extra = {"poll_interval": poll_interval} if mode == "batch" else {}
     engine = kind(endpoint, body, prepared.prompts, settings, skip_reasons=prepared.skip_reasons,

@@ -76,8 +76,7 @@ class BatchEngine(Engine):
                     except FatalError as exc:
                         self._stop_run(exc)
         finally:
-            reason = f"not sent: the run stopped ({self.fatal})" if self.fatal else "cancelled before the batch finished"
-            self.abandon(reason)
+            self._mark_unsent()
             progress.finished = loop.time()
             progress.emit("finished", -1)
         return self.outcomes

@@ -80,7 +80,7 @@ class Progress:
 
     __slots__ = ("total", "queued", "in_flight", "retrying", "done", "failed", "cancelled", "skipped",
                  "cached", "requests", "rate_limited", "prompt_tokens", "completion_tokens",
-                 "latency_total", "started", "finished", "last_error", "note", "sent_at", "limits", "_listeners")
+                 "started", "finished", "last_error", "note", "sent_at", "limits", "_listeners")
 
     def __init__(self, total: int = 0):
         self.total = total
@@ -88,7 +88,6 @@ class Progress:
         self.in_flight = self.retrying = self.done = self.failed = self.cancelled = self.skipped = 0
         self.cached = self.requests = self.rate_limited = 0
         self.prompt_tokens = self.completion_tokens = 0
-        self.latency_total = 0.0
         self.started: float | None = None
         self.finished: float | None = None
         self.last_error: str | None = None
@@ -454,8 +453,6 @@ class Engine:
             self.cache.put(self._keys[row], CachedAnswer(content, finish, outcome.prompt_tokens,
                                                          outcome.completion_tokens, self.model))
         progress.done += 1
-        if latency is not None:
-            progress.latency_total += latency
         self._settled()
         if progress._listeners:
             progress.emit("done", row)
