@@ -112,6 +112,9 @@ def map(  # noqa: A001 - the name users expect, as in pandas' Series.map
         tpm=tpm,
         max_reasks=max_reasks,
         max_cost=max_cost,
+        max_wait=float(defaults.max_wait),
+        max_response_bytes=int(defaults.max_response_bytes),
+        first_byte_timeout=float(defaults.first_byte_timeout),
     )
     if settings.max_retries < 0:
         raise ConfigError(f"max_retries must be 0 or more, not {settings.max_retries!r}")

@@ -31,6 +31,9 @@ class Defaults:
     max_tokens: int = 256  # always sent: the provider charges it up front, so budgets need it
     system: str | None = None  # default system prompt
     cache: str = "use"  # "use", "refresh" or "off" (see nbparrot.cache)
+    max_wait: float = 60.0  # seconds: a 429 asking to wait longer stops the run with an error naming the wait
+    max_response_bytes: int = 10 * 1024 * 1024  # a larger answer fails its row and is not read further
+    first_byte_timeout: float = 10.0  # no answer yet by then: a status check finds out if the endpoint is there
 
 
 defaults = Defaults()

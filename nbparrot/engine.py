@@ -28,8 +28,10 @@ from .config import Endpoint
 from .errors import (
     BudgetExceededError,
     ConfigError,
+    EndpointFailingError,
     EndpointUnreachableError,
     FatalError,
+    RateLimitWaitError,
     describe_error,
     error_fields,
     fatal_error,
@@ -38,14 +40,15 @@ from .errors import (
 from .pricing import Estimate, cost_of, estimate, price_of
 from .ratelimit import Pacer, retry_after_seconds
 from .structured import Schema
-from .tokens import estimate_prompt_tokens
-from .transport import TRANSIENT_ERRORS, Transport
+from .tokens import estimate_prompt_tokens, estimate_text_tokens
+from .transport import TRANSIENT_ERRORS, ResponseTooLargeError, Transport
 
 __all__ = ["Engine", "EngineSettings", "Outcome", "Progress", "PENDING", "OK", "FAILED", "CANCELLED", "SKIPPED"]
 
 PENDING, OK, FAILED, CANCELLED, SKIPPED = "pending", "ok", "failed", "cancelled", "skipped"
 
 _RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+PAUSE_SHOWN = 2.0  # seconds: a dispatch pause at least this long is shown, with its reason, in the views
 
 
 class Outcome:
@@ -79,8 +82,8 @@ class Progress:
     """
 
     __slots__ = ("total", "queued", "in_flight", "retrying", "done", "failed", "cancelled", "skipped",
-                 "cached", "requests", "rate_limited", "prompt_tokens", "completion_tokens",
-                 "started", "finished", "last_error", "note", "sent_at", "limits", "_listeners")
+                 "cached", "requests", "rate_limited", "prompt_tokens", "completion_tokens", "usage_estimated",
+                 "started", "finished", "last_error", "note", "pause", "sent_at", "limits", "_listeners")
 
     def __init__(self, total: int = 0):
         self.total = total
@@ -88,10 +91,12 @@ class Progress:
         self.in_flight = self.retrying = self.done = self.failed = self.cancelled = self.skipped = 0
         self.cached = self.requests = self.rate_limited = 0
         self.prompt_tokens = self.completion_tokens = 0
+        self.usage_estimated = 0  # answers that came without usage: their tokens are our estimate
         self.started: float | None = None
         self.finished: float | None = None
         self.last_error: str | None = None
         self.note: str | None = None  # a status line of the run's own (e.g. a Batch API job's state)
+        self.pause: tuple[float, str] | None = None  # (loop time it ends, why): dispatch is held back
         self.sent_at: dict[int, float] = {}  # row -> loop time of its in-flight attempt
         self.limits: Callable[[], dict] | None = None
         self._listeners: list[Callable[[str, int], None]] = []
@@ -122,6 +127,10 @@ class EngineSettings:
     max_rate_limit_waits: int = 50  # 429s one row may wait through before it is failed
     max_reasks: int = 2  # re-asks after an answer that does not match the schema
     max_cost: float | None = None  # USD: never dispatch what could take spend past this
+    max_wait: float = 60.0  # seconds: a 429 asking to wait longer stops the run with an error naming the wait
+    max_response_bytes: int = 10 * 1024 * 1024  # a larger answer fails its row, read no further
+    first_byte_timeout: float = 10.0  # no byte of the first answer by then: ask the endpoint if it is alive
+    max_failing_rows: int = 10  # rows failed in a row after all their retries, none answered between: stop
 
 
 class Engine:
@@ -158,8 +167,9 @@ class Engine:
         self._keys: dict[int, str] = {}
         self._planned = False
         self._spent = 0.0  # USD of answered requests, kept only under a budget
-        self._committed: dict[int, float] = {}  # row -> most its in-flight request can cost
-        self._committed_total = 0.0
+        self._committed: dict[int, tuple[int, int]] = {}  # row -> (prompt, reply) tokens booked for it in flight
+        self._committed_prompt = self._committed_reply = 0  # their totals
+        self._ratio = 1.0  # the most the endpoint has counted per estimated prompt token (budgets reserve with it)
         self._skip_reasons = skip_reasons or {}
         self.schema = schema
         if schema is not None:
@@ -183,6 +193,10 @@ class Engine:
         self._in_flight = 0
         self._unsettled = 0
         self._streak = 0  # consecutive 429s without retry-after
+        self._answered = False  # any 200 at all
+        self._failing = 0  # rows failed after all their retries since the last answer
+        self._pause_reason = ""  # why the pacer's pause was set (a 429's wait)
+        self._ping_task: asyncio.Task | None = None
         self._waiter: asyncio.Future | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._transport: Transport | None = None
@@ -245,12 +259,15 @@ class Engine:
         progress = self.progress
         progress.started = loop.time()
         self.plan()
-        async with Transport(self.endpoint, concurrency=self.settings.concurrency,
-                             timeout=self.settings.timeout) as transport:
+        settings = self.settings
+        async with Transport(self.endpoint, concurrency=settings.concurrency, timeout=settings.timeout,
+                             max_bytes=settings.max_response_bytes) as transport:
             self._transport = transport
+            watchdog = loop.call_later(settings.first_byte_timeout, self._check_alive)
             try:
                 await self._dispatch()
             finally:  # before the session closes, or in-flight requests would fail as disconnects
+                watchdog.cancel()
                 try:
                     await self._stop()
                 finally:
@@ -276,7 +293,8 @@ class Engine:
                     return
                 await self._wait()
                 continue
-            if not pending or self._in_flight >= self._limit:
+            # Until the endpoint has answered, a row waiting to retry still counts: one row at a time.
+            if not pending or self._in_flight + (0 if self._opened else self.progress.retrying) >= self._limit:
                 await self._wait()
                 continue
             row = pending[0]
@@ -288,10 +306,15 @@ class Engine:
                 continue
             if budget is not None and not self._affordable(row, cost, budget):
                 continue
-            delay = pacer.delay(cost, loop.time())
+            now = loop.time()
+            delay = pacer.delay(cost, now)
             if delay > 0:
+                if delay >= PAUSE_SHOWN:
+                    self.progress.pause = (now + delay, self._why_paused(now))
                 await self._wait(delay)
                 continue
+            if self.progress.pause is not None:
+                self.progress.pause = None
             pending.popleft()
             mark = pacer.take(cost, loop.time())
             self._in_flight += 1
@@ -300,20 +323,42 @@ class Engine:
             task.add_done_callback(self._task_done)
 
     def _affordable(self, row: int, tokens: int, budget: float) -> bool:
-        """Book the most this request can cost, unless spend plus what is in flight would pass the budget."""
-        most = cost_of(self.model, tokens - self._reply_tokens, self._reply_tokens, batch=self.batch) or 0.0
-        committed = self._committed_total - self._committed.get(row, 0.0)  # a row waiting for its turn
-        if self._spent + committed + most > budget:
+        """Book the most this request can cost, unless spend plus what is in flight would pass the budget.
+
+        Prompt tokens are reserved at our estimate times the largest ratio of counted to estimated
+        tokens seen in answers so far (the first request goes alone, so it is known before the
+        fan-out); reply tokens at n x max_tokens, which the endpoint never exceeds.
+        """
+        prompt, reply = tokens - self._reply_tokens, self._reply_tokens
+        held_prompt, held_reply = self._committed.pop(row, (0, 0))  # a row waiting for its turn was booked already
+        self._committed_prompt -= held_prompt
+        self._committed_reply -= held_reply
+        ratio, model, batch = self._ratio, self.model, self.batch
+        in_flight = cost_of(model, self._committed_prompt * ratio, self._committed_reply, batch=batch) or 0.0
+        most = cost_of(model, prompt * ratio, reply, batch=batch) or 0.0
+        if self._spent + in_flight + most > budget:
             self.budget_stop = BudgetExceededError(
                 f"stopped at the budget: ${self._spent:,.4f} spent of max_cost=${budget:,.4f}, and the next request "
-                f"could cost up to ${most:,.4f} with ${committed:,.4f} still in flight; "
+                f"could cost up to ${most:,.4f} with ${in_flight:,.4f} still in flight; "
                 f"{self.progress.done} of {self.progress.total} rows answered (run.partial() has them; "
                 "a rerun with a higher max_cost sends only the rest)")
             self.progress.last_error = str(self.budget_stop)
             return False
-        self._committed_total += most - self._committed.get(row, 0.0)
-        self._committed[row] = most
+        self._committed[row] = (prompt, reply)
+        self._committed_prompt += prompt
+        self._committed_reply += reply
         return True
+
+    def _why_paused(self, now: float) -> str:
+        """The reason behind a dispatch pause, in words (for the panel and the text line)."""
+        pacer = self.pacer
+        if pacer.paused_until > now and self._pause_reason:
+            return self._pause_reason
+        if self.budget_stop is None and pacer.tokens is not None and pacer.tokens.level < 0.5 * pacer.tokens.capacity:
+            return f"waiting for the tokens-per-minute limit ({pacer.tokens.limit:,.0f})"
+        if pacer.requests is not None:
+            return f"waiting for the requests-per-minute limit ({pacer.requests.limit:,.0f})"
+        return "waiting for the rate limits"
 
     def _task_done(self, task: asyncio.Task) -> None:
         row = self._tasks.pop(task)
@@ -340,11 +385,30 @@ class Engine:
         if fut is not None and not fut.done():
             fut.set_result(None)
 
+    def _check_alive(self) -> None:
+        """The first answer is slow: find out, with a status check, whether the endpoint is there at all."""
+        if not self._heard and self.fatal is None:
+            self._ping_task = self._loop.create_task(self._ping())
+
+    async def _ping(self) -> None:
+        limit = self.settings.first_byte_timeout
+        try:
+            await self._transport.alive(limit)  # any HTTP answer at all will do
+        except asyncio.TimeoutError:
+            if not self._heard:
+                self._stop_run(EndpointUnreachableError(
+                    f"{self.endpoint.base_url} accepted the connection but has sent nothing for {2 * limit:.0f} s, "
+                    "not even to a status check (GET /models); is base_url the right address, and is the server up?"))
+        except TRANSIENT_ERRORS:  # refused or reset: the request's own retries report that
+            pass
+
     async def _stop(self) -> None:
         """Cancel what is in flight or waiting; mark every unfinished row (nothing left pending)."""
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
+        if self._ping_task is not None:
+            self._ping_task.cancel()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -396,11 +460,17 @@ class Engine:
         except TRANSIENT_ERRORS as exc:
             self._retry(row, _describe(exc))
             return
+        except ResponseTooLargeError as exc:
+            self._heard = True
+            self._fail(row, f"{exc}; not read (raise it with nbparrot.configure(max_response_bytes=...))")
+            return
         finally:
             progress.in_flight -= 1
             progress.sent_at.pop(row, None)
             if self._committed:
-                self._committed_total -= self._committed.pop(row, 0.0)
+                held_prompt, held_reply = self._committed.pop(row, (0, 0))
+                self._committed_prompt -= held_prompt
+                self._committed_reply -= held_reply
         now = loop.time()
         self._heard = True
         self.pacer.observe(headers, mark, now)
@@ -423,24 +493,43 @@ class Engine:
         choices = data["choices"]
         if self._n == 1:
             choice = choices[0]
-            content, finish = choice["message"]["content"], choice.get("finish_reason")
+            message = choice["message"]
+            content, finish = message["content"], choice.get("finish_reason")
+            texts = (content,)
         else:
             choices = sorted(choices, key=lambda c: c.get("index", 0))
-            content = [c["message"]["content"] for c in choices]
+            content = texts = [c["message"]["content"] for c in choices]
             finish = [c.get("finish_reason") for c in choices]
-        usage = data.get("usage") or {}
         outcome, progress = self.outcomes[row], self.progress
-        prompt_tokens = usage.get("prompt_tokens") or 0
-        completion_tokens = usage.get("completion_tokens") or 0
+        usage = data.get("usage")
+        prompt_tokens = usage.get("prompt_tokens") if usage else None
+        if prompt_tokens is None:  # no usage (some gateways, local servers): count our estimate, never zero
+            prompt_tokens = self.cost(row) - self._reply_tokens
+            completion_tokens = sum(estimate_text_tokens(t) for t in texts if isinstance(t, str))
+            progress.usage_estimated += 1
+        else:
+            completion_tokens = usage.get("completion_tokens") or 0
         outcome.prompt_tokens += prompt_tokens  # summed over attempts: a re-asked answer was paid for too
         outcome.completion_tokens += completion_tokens
         progress.prompt_tokens += prompt_tokens
         progress.completion_tokens += completion_tokens
         if self.settings.max_cost is not None:
             self._spent += cost_of(self.model, prompt_tokens, completion_tokens, batch=self.batch) or 0.0
-        outcome.content, outcome.finish_reason, outcome.latency = content, finish, latency
+            if usage:  # learn how much more the endpoint counts than our estimate
+                ratio = prompt_tokens / max(1, self.cost(row) - self._reply_tokens)
+                if ratio > self._ratio:
+                    self._ratio = ratio
+        outcome.finish_reason, outcome.latency = finish, latency
         self._open()
         self._streak = 0
+        self._answered, self._failing = True, 0
+        for text in texts:
+            if not text:  # null or empty: retried like a server error, never cached or counted as an answer
+                refusal = message.get("refusal") if self._n == 1 else None
+                return self._retry(row, f"the model refused: {refusal}" if refusal else
+                                   f"empty answer (content {'null' if text is None else 'empty'}, "
+                                   f"finish_reason {finish!r})")
+        outcome.content = content
         if self.schema is not None:
             try:
                 parse = self.schema.parse
@@ -523,7 +612,17 @@ class Engine:
             if not self._heard:
                 return self._stop_run(EndpointUnreachableError(
                     f"could not reach {self.endpoint.base_url} ({reason}); is the server running and base_url right?"))
-            return self._fail(row, reason)
+            self._fail(row, reason)
+            self._failing += 1
+            # Rows failing one after another with nothing answered between: the endpoint is down, not the
+            # rows bad. Before any answer the rows go one at a time, and a few of them decide.
+            limit = self.settings.max_failing_rows if self._answered else min(3, self.settings.max_failing_rows)
+            if self._failing >= limit:
+                since = "with none answered between" if self._answered else "and no request has been answered yet"
+                self._stop_run(EndpointFailingError(
+                    f"{self.endpoint.base_url} keeps failing: {self._failing} rows failed one after another after "
+                    f"{failures} attempts each, {since} (last: {reason}); the run stopped instead of sending the rest"))
+            return None
         s = self.settings
         delay = random.uniform(0, min(s.backoff_cap, s.backoff_base * 2 ** (failures - 1)))
         self._park(row, delay)
@@ -539,6 +638,14 @@ class Engine:
             self._streak += 1
             s = self.settings
             retry_after = random.uniform(0.5, 1.0) * min(s.backoff_cap, s.backoff_base * 2 ** min(self._streak, 10))
+            self._pause_reason = "rate limited (429), backing off"
+        elif retry_after > self.settings.max_wait:
+            return self._stop_run(RateLimitWaitError(
+                f"{self.endpoint.chat_url} answered 429 and asks to wait {_duration(retry_after)} before the next "
+                f"request, longer than max_wait={_duration(self.settings.max_wait)}; rerun later (answered rows are "
+                "kept and cached), or raise it with nbparrot.configure(max_wait=...)", status=429))
+        else:
+            self._pause_reason = f"rate limited (429): the endpoint asked to wait {_duration(retry_after)}"
         self.pacer.backoff(retry_after, self._loop.time())
         self._requeue(row)
         if progress._listeners:
@@ -593,6 +700,15 @@ class Engine:
     def _encode_prefix(self) -> bytes:
         """The shared part of every body, encoded once: ``{...params, "messages": ``."""
         return json.dumps(self.params)[:-1].encode() + (b', "messages": ' if self.params else b'"messages": ')
+
+
+def _duration(seconds: float) -> str:
+    """``90 s``, ``25 min``, ``24 h``: a wait in the unit a person reads it in."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h".replace(".0 h", " h")
 
 
 def _describe(exc: BaseException) -> str:

@@ -21,6 +21,8 @@ __all__ = [
     "ModelNotFoundError",
     "QuotaExceededError",
     "EndpointUnreachableError",
+    "EndpointFailingError",
+    "RateLimitWaitError",
     "BudgetExceededError",
     "RunNotFinishedError",
     "RunCancelledError",
@@ -73,6 +75,14 @@ class QuotaExceededError(FatalError):
 
 class EndpointUnreachableError(FatalError):
     """Nothing answered at all: the server is down or ``base_url`` is wrong."""
+
+
+class EndpointFailingError(FatalError):
+    """The endpoint answers, but row after row fails through all its retries (e.g. a 502 every time)."""
+
+
+class RateLimitWaitError(FatalError):
+    """A 429 asked to wait longer than ``max_wait`` (say a daily limit): stopping beats a silent day-long pause."""
 
 
 class BudgetExceededError(NbparrotError):

@@ -123,9 +123,19 @@ def snapshot(run: "Run", rates: _Rates | None = None) -> dict[str, Any]:
         "projected": run.projected_cost, "cached": p.cached,
         "elapsed": elapsed, "eta": eta, "oldest": oldest, "rpm": rpm, "tpm": tpm,
         "rpm_limit": limits.get("rpm"), "tpm_limit": limits.get("tpm"), "last_error": p.last_error,
-        "note": p.note,
+        "note": " · ".join(_notes(p, now)) or None,
         "status": run.status,
     }
+
+
+def _notes(p: Any, now: float | None) -> list[str]:
+    """The run's own note, a pause with its reason and countdown, and tokens that are estimates."""
+    notes = [p.note] if p.note else []
+    if p.pause is not None and now is not None and p.finished is None and p.pause[0] > now:
+        notes.append(f"paused {_fmt_secs(p.pause[0] - now)}: {p.pause[1]}")
+    if p.usage_estimated:
+        notes.append(f"tokens of {p.usage_estimated:,} answer(s) estimated: the endpoint sent no usage")
+    return notes
 
 
 class _Ticker:

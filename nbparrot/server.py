@@ -86,6 +86,10 @@ NOT_JSON_ONCE_MARKER = "<<not-json-once>>"  # in the last user message: one bad 
 LIST_JSON_MARKER = "<<list-json>>"
 NUMERIC_CODE_MARKER = "<<numeric-code>>"  # in the last user message: a 400 whose error code is a number
 BATCH_FAIL_MARKER = "<<batch-fail>>"  # in the last user message of a batch line: that line fails with a 500
+NULL_CONTENT_MARKER = "<<null-content>>"  # in the last user message: every choice's content is null
+REFUSAL_MARKER = "<<refusal>>"  # in the last user message: content null and a refusal, as OpenAI sends one
+HUGE_ANSWER_MARKER = "<<huge-answer>>"  # in the last user message: a valid answer of huge_bytes, with its length
+HUGE_JUNK_MARKER = "<<huge-junk>>"  # in the last user message: huge_bytes of non-JSON, chunked, no length
 #: The Batch API as OpenAI documents it: one endpoint served here, a 24 h window, limits per input file.
 BATCH_ENDPOINT = "/v1/chat/completions"
 BATCH_WINDOW_SECONDS = 24 * 3600
@@ -125,6 +129,11 @@ class ServerConfig:
     pstall: float = 0.0  # never answer; reset the connection after stall_seconds
     stall_seconds: float = 30.0
     pquota: float = 0.0  # 429 insufficient_quota
+    p429: float = 0.0  # 429 rate_limit_exceeded asking to wait retry_after_429 seconds
+    retry_after_429: float = 1.0
+    usage: bool = True  # False: answers carry no usage object, as some gateways and local servers
+    usage_scale: float = 1.0  # prompt tokens are counted (reported and charged) this many times over
+    huge_bytes: int = 64 * 1024 * 1024  # size of the answers asked for by the huge-answer / huge-junk markers
     retry_after: bool = True  # False: 429s carry no retry-after headers
     seed: int = 0  # faults are drawn from random.Random(seed)
     json_schema: bool = True  # False: refuse response_format json_schema with a 400, as older endpoints do
@@ -135,7 +144,7 @@ class ServerConfig:
         """Validate early so a bad flag fails loudly instead of misbehaving later."""
         check_loopback(self.host)
         self.models = tuple(self.models)
-        for name in ("p500", "p502", "p503", "preset", "pstall", "pquota"):
+        for name in ("p500", "p502", "p503", "preset", "pstall", "pquota", "p429"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
@@ -453,7 +462,8 @@ class _Stats:
         self.status: dict[str, int] = {}
         self.rate_limited = 0
         self.too_large = 0
-        self.faults = {"500": 0, "502": 0, "503": 0, "reset": 0, "stall": 0, "quota": 0}
+        self.faults = {"500": 0, "502": 0, "503": 0, "reset": 0, "stall": 0, "quota": 0, "429": 0}
+        self.huge_bytes_sent = 0  # bytes of huge answers written to clients (a capped client stops early)
         self.streams = 0
         self.in_flight = 0
         self.peak_in_flight = 0
@@ -487,6 +497,7 @@ class _Stats:
             "files_uploaded": self.files_uploaded,
             "batches_created": self.batches_created,
             "batch_lines": self.batch_lines,
+            "huge_bytes_sent": self.huge_bytes_sent,
         }
 
 
@@ -523,7 +534,7 @@ _HTML_502 = (
 
 #: (config field, stats name) in the order faults are drawn
 _FAULTS = (
-    ("pquota", "quota"), ("p500", "500"), ("p502", "502"), ("p503", "503"), ("preset", "reset"), ("pstall", "stall")
+    ("p429", "429"), ("pquota", "quota"), ("p500", "500"), ("p502", "502"), ("p503", "503"), ("preset", "reset"), ("pstall", "stall")
 )
 
 
@@ -575,20 +586,20 @@ def _usage(ptoks: int, ctoks: int) -> dict:
     }
 
 
-def _completion(completion_id: str, created: int, model: str, contents: list[str], finishes: list[str],
-                usage: dict) -> dict:
-    """A ``chat.completion`` object with one choice per content."""
+def _completion(completion_id: str, created: int, model: str, contents: list[str | None], finishes: list[str],
+                usage: dict | None, refusal: str | None = None) -> dict:
+    """A ``chat.completion`` object with one choice per content (no ``usage`` key when it is None)."""
     return {
         "id": completion_id,
         "object": "chat.completion",
         "created": created,
         "model": model,
         "choices": [
-            {"index": i, "message": {"role": "assistant", "content": content, "refusal": None, "annotations": []},
+            {"index": i, "message": {"role": "assistant", "content": content, "refusal": refusal, "annotations": []},
              "logprobs": None, "finish_reason": finish}
             for i, (content, finish) in enumerate(zip(contents, finishes))
         ],
-        "usage": usage,
+        **({"usage": usage} if usage is not None else {}),
         "service_tier": "default",
         "system_fingerprint": "fp_nbparrot",
     }
@@ -930,7 +941,10 @@ class _MockServer:
             if not isinstance(message, dict) or "role" not in message:
                 raise _Reject(400, f"Invalid 'messages[{k}]': expected an object with a 'role'.",
                               "invalid_request_error", "invalid_value", f"messages[{k}]")
-        return _ChatRequest(model, *_prompt_parts(messages))
+        req = _ChatRequest(model, *_prompt_parts(messages))
+        if self.config.usage_scale != 1.0:  # an endpoint whose tokenizer counts more than the client's estimate
+            req.ptoks = math.ceil(req.ptoks * self.config.usage_scale)
+        return req
 
     def parse_options(self, body: dict, req: _ChatRequest) -> None:
         """Read n, max tokens, response_format and temperature into ``req``; check the context window."""
@@ -1119,6 +1133,13 @@ class _MockServer:
         if fault is not None and fault not in ("reset", "stall"):
             stats.faults[fault] += 1
             headers = {**limit_headers, **self.base_headers(started)}
+            if fault == "429":
+                wait = cfg.retry_after_429
+                headers["retry-after"] = str(max(0, math.ceil(wait)))
+                headers["retry-after-ms"] = str(max(0, math.ceil(wait * 1000)))
+                return self.error(429, f"Rate limit reached for {model} in organization org-mock on requests per min "
+                                  f"(RPM). Please try again in {format_duration(wait)}.", "requests",
+                                  "rate_limit_exceeded", None, headers)
             if fault == "quota":
                 return self.error(429, "You exceeded your current quota, please check your plan and billing "
                                   "details. For more information on this error, read the docs: "
@@ -1143,6 +1164,15 @@ class _MockServer:
         include_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
         contents, finishes, counts = self.answer(req)
         ctoks = sum(counts)
+        last_user = req.last_user
+        refusal = None
+        if REFUSAL_MARKER in last_user:
+            refusal = "I'm sorry, but I can't help with that."
+            contents = [None] * len(contents)
+        elif NULL_CONTENT_MARKER in last_user:
+            contents = [None] * len(contents)
+        elif HUGE_ANSWER_MARKER in last_user:
+            contents = [c + " " + _filler(cfg.huge_bytes) for c in contents]
 
         if fault == "reset":
             stats.faults["reset"] += 1
@@ -1161,7 +1191,9 @@ class _MockServer:
         if delay > 0:
             await asyncio.sleep(delay / 1000.0)
 
-        usage = _usage(ptoks, ctoks)
+        if HUGE_JUNK_MARKER in last_user:
+            return await self.junk(request)
+        usage = _usage(ptoks, ctoks) if cfg.usage else None
         completion_id = f"chatcmpl-{tag}{self.counter:x}"
         created = int(time.time())
         headers = {**limit_headers, **self.base_headers(started)}
@@ -1169,7 +1201,7 @@ class _MockServer:
             stats.streams += 1
             return await self.stream(request, headers, completion_id, created, model, contents, finishes, counts,
                                      usage if include_usage else None, include_usage, reset=fault == "reset")
-        payload = json.dumps(_completion(completion_id, created, model, contents, finishes, usage)).encode()
+        payload = json.dumps(_completion(completion_id, created, model, contents, finishes, usage, refusal)).encode()
         if fault == "reset":
             resp = web.StreamResponse(status=200, headers=headers)
             resp.content_type = "application/json"
@@ -1179,6 +1211,25 @@ class _MockServer:
             await _flush_then_abort(request)
             return resp
         return web.Response(body=payload, headers=headers, content_type="application/json")
+
+    async def junk(self, request: web.Request) -> web.StreamResponse:
+        """A 200 whose body is ``huge_bytes`` of non-JSON, chunked without a length, written as the client reads."""
+        resp = web.StreamResponse(status=200)
+        resp.content_type = "application/json"
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        chunk = b"x" * 65536
+        left = self.config.huge_bytes
+        try:
+            while left > 0:
+                piece = chunk[:left]
+                await resp.write(piece)  # waits while the client is not reading: a capped client stops it
+                self.stats.huge_bytes_sent += len(piece)
+                left -= len(piece)
+            await resp.write_eof()
+        except (ConnectionError, RuntimeError):  # the client went away
+            pass
+        return resp
 
     async def stream(self, request: web.Request, headers: dict[str, str], completion_id: str, created: int,
                      model: str, contents: list[str], finishes: list[str], counts: list[int],
@@ -1575,6 +1626,11 @@ _FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("pstall", float, "probability of a stall (no answer, reset after --stall-seconds)"),
     ("stall_seconds", float, "how long a stalled request hangs"),
     ("pquota", float, "probability of a 429 insufficient_quota"),
+    ("p429", float, "probability of a 429 rate_limit_exceeded asking to wait --retry-after-429 seconds"),
+    ("retry_after_429", float, "seconds the injected 429s ask to wait"),
+    ("usage", _bool, "send a usage object in answers (false: none, as some gateways)"),
+    ("usage_scale", float, "count prompt tokens this many times over (an endpoint whose tokenizer counts more)"),
+    ("huge_bytes", int, "bytes of the answers the <<huge-answer>> and <<huge-junk>> markers ask for"),
     ("seed", int, "seed of the fault RNG"),
     ("json_schema", _bool, "accept response_format json_schema (false: 400, as older endpoints)"),
     ("batch_seconds", float, "seconds a batch takes from creation to completed (a tenth validating, a tenth finalizing)"),
