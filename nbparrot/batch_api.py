@@ -177,6 +177,10 @@ class BatchEngine(Engine):
                 self._fail(row, f"no result for this row: batch {batch['id']} ended {batch.get('status')}"
                                 + (f" ({reason})" if reason else ""))
 
+    def _retry(self, row: int, reason: str) -> None:
+        """A batch line cannot be sent again in place (an empty answer, say): it fails its row."""
+        self._fail(row, reason)
+
     def _line(self, line: dict, expected: set[int]) -> None:
         row = self._ids.get(line.get("custom_id", ""))
         if row is None or row not in expected or self.outcomes[row].status in (OK, FAILED):
