@@ -241,7 +241,9 @@ class Run:
 
         rows = [(k, o) for k, o in enumerate(self.engine.outcomes) if o.status in (FAILED, SKIPPED, CANCELLED)]
         index = self.prepared.request_index
-        columns = {"status": [o.status for _, o in rows], "error": [o.error for _, o in rows],
+        shown = self.engine.endpoint.redact  # no key, password or key-looking URL path in a row's error
+        columns = {"status": [o.status for _, o in rows],
+                   "error": [shown(o.error) if o.error else o.error for _, o in rows],
                    "attempts": [o.attempts for _, o in rows]}
         if self.engine.schema is not None:  # the text a schema rejected, kept for a look
             columns["raw"] = [o.content for _, o in rows]
