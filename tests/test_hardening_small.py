@@ -116,3 +116,33 @@ def test_redact_url():
     text = f"could not reach http://a:{PASSWORD}@h/v1/{PATH_KEY} (refused); see http://h/docs."
     assert redact(text) == "could not reach http://***@h/v1/sk-p*** (refused); see http://h/docs."
     assert PATH_KEY not in str(FatalError(f"403 from http://h/{PATH_KEY}/chat/completions"))
+
+
+# ---- cancelled before its first step, awaited from another task ---------------------------------
+
+
+@pytest.mark.parametrize("how", ["wait_for", "ensure_future", "done_and_result"])
+def test_cancel_before_the_first_step_then_await_from_another_task(server, how):
+    async def main() -> nbparrot.Run:
+        run = nbparrot.map(pd.DataFrame({"q": ["a", "b"]}), "Say: {q}", base_url=server.base_url,
+                           api_key="sk-test-0123456789", cache="off", progress=False)
+        run.cancel()  # before the run's task has taken its first step
+        with pytest.warns(UserWarning, match="cancelled"):
+            if how == "wait_for":
+                result = await asyncio.wait_for(run, 5)
+            elif how == "ensure_future":
+                result = await asyncio.ensure_future(run._wait())
+            else:
+                async def look() -> object:
+                    assert run._task.done()
+                    assert run.done()  # no longer waits for the task's done callback
+                    return run.result()
+                result = await asyncio.create_task(look())
+        assert result.isna().all()
+        return run
+
+    run = asyncio.run(main())
+    assert run.status == "cancelled" and run.done()
+    assert list(run.errors["status"]) == ["cancelled", "cancelled"]
+    assert all(o.status == "cancelled" and o.error for o in run.outcomes)
+    assert server.stats()["requests"] == 0
