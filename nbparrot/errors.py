@@ -27,6 +27,7 @@ __all__ = [
     "RunNotFinishedError",
     "RunCancelledError",
     "redact",
+    "redact_url",
     "error_fields",
     "fatal_error",
     "describe_error",
@@ -52,7 +53,7 @@ class FatalError(NbparrotError):
     """
 
     def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
-        super().__init__(message)
+        super().__init__(redact(message))  # it names the URL, shown in panels, row errors and logs
         self.status = status
         self.code = code
 
@@ -98,12 +99,42 @@ class RunCancelledError(NbparrotError):
 
 
 _KEY_PATTERN = re.compile(r"\b(sk-[A-Za-z0-9_\-]{4})[A-Za-z0-9_\-]{8,}")
+_URL_PATTERN = re.compile(r"\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>`]*[^\s'\"<>`.,;:)\]]")
+_AUTHORITY = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)([^/]*)")
+
+
+def _looks_like_key(segment: str) -> bool:
+    """A path segment that reads as a token: a long run of letters mixed with digits (hex keys,
+    base64ish tokens), not a word, a version, a date or a deployment name like gpt-4o-2024-08-06."""
+    return len(segment) >= 16 and any(
+        len(chunk) >= 16 and not chunk.isalpha() and not chunk.isdigit()
+        for chunk in re.split(r"[-_.~%]", segment))
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit to show: ``user:password@`` becomes ``***@`` and key-looking path segments
+    keep only their first 4 characters (``/v1/sk-abc123.../`` shows as ``/v1/sk-a***/``).
+
+    The one way every message, panel and repr should print an endpoint's URL."""
+    match = _AUTHORITY.match(url)
+    if match is None:
+        return _KEY_PATTERN.sub(r"\1***", url)
+    scheme, authority = match.groups()
+    if "@" in authority:  # the last "@" ends the userinfo, as urlsplit reads it
+        authority = "***@" + authority.rpartition("@")[2]
+    rest = url[match.end():]
+    cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    path = "/".join(s[:4] + "***" if _looks_like_key(s) else s for s in rest[:cut].split("/"))
+    return _KEY_PATTERN.sub(r"\1***", scheme + authority + path + rest[cut:])
 
 
 def redact(text: str, secret: str | None = None) -> str:
-    """Remove an API key (the given one, and anything shaped like ``sk-...``) from ``text``."""
+    """Remove an API key (the given one, and anything shaped like ``sk-...``) from ``text``, and
+    credentials and key-looking path segments from any URL in it (see ``redact_url``)."""
     if secret and len(secret) >= 4 and secret in text:
         text = text.replace(secret, "***")
+    if "://" in text:
+        text = _URL_PATTERN.sub(lambda m: redact_url(m.group(0)), text)
     return _KEY_PATTERN.sub(r"\1***", text)
 
 

@@ -171,6 +171,18 @@ class Run:
 
     def done(self) -> bool:
         """True once the run has stopped (finished, cancelled, or failed)."""
+        return self._settle()
+
+    def _settle(self) -> bool:
+        """Whether the run is over, closing its books first when its task has ended but the task's
+        done callback (``_finalize``, scheduled with call_soon) has not run yet: another task on the
+        loop can see ``task.done()`` before it, e.g. when the run was cancelled before its first step.
+        Only on the run's own loop thread; other threads wait for the callback."""
+        if self._finished.is_set():
+            return True
+        task = self._task
+        if task is not None and task.done() and threading.get_ident() == self._loop_thread:
+            self._finalize()
         return self._finished.is_set()
 
     @property
@@ -241,7 +253,9 @@ class Run:
 
         rows = [(k, o) for k, o in enumerate(self.engine.outcomes) if o.status in (FAILED, SKIPPED, CANCELLED)]
         index = self.prepared.request_index
-        columns = {"status": [o.status for _, o in rows], "error": [o.error for _, o in rows],
+        shown = self.engine.endpoint.redact  # no key, password or key-looking URL path in a row's error
+        columns = {"status": [o.status for _, o in rows],
+                   "error": [shown(o.error) if o.error else o.error for _, o in rows],
                    "attempts": [o.attempts for _, o in rows]}
         if self.engine.schema is not None:  # the text a schema rejected, kept for a look
             columns["raw"] = [o.content for _, o in rows]
@@ -294,7 +308,7 @@ class Run:
                 raise RunCancelledError(
                     f"interrupted: run {self.id} was cancelled with {p.done} of {p.total} rows answered; "
                     "`run.partial()` returns them (the others are NA)") from None
-        return self.result()
+        return self.result()  # done() closes the books if the task's done callback has not run yet
 
     def cancel(self) -> None:
         """Stop the run: in-flight requests are cancelled, finished rows kept. Safe from any thread."""

@@ -1,0 +1,148 @@
+"""Small hardening: credentials in base_url never shown, and a run cancelled before its first step."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import socket
+
+import pandas as pd
+import pytest
+
+import nbparrot
+from nbparrot.config import Endpoint, resolve_endpoint
+from nbparrot.errors import ConfigError, FatalError, redact, redact_url
+
+PASSWORD = "s3cret-Pa55word-never-shown"
+PATH_KEY = "sk-proj-0123456789abcdefPATHKEY"
+ROWS = [{"q": "alpha"}, {"q": "beta"}, {"q": "gamma"}]
+
+
+def with_userinfo(url: str, userinfo: str = f"alice:{PASSWORD}") -> str:
+    return url.replace("://", f"://{userinfo}@", 1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def everything_shown(run: nbparrot.Run, captured: str) -> str:
+    """Every text a user may see about a run (not the URL the requests go to: see display_url)."""
+    endpoint = run.engine.endpoint
+    return "\n".join([repr(endpoint), str(endpoint), endpoint.display_url,
+                      endpoint.display_chat_url, repr(run), str(run), run.errors.to_string(),
+                      " ".join(str(e) for e in run.errors["error"]), str(run.error), str(run.progress.last_error),
+                      captured])
+
+
+# ---- user:password@ in base_url: HTTP Basic auth, never displayed ------------------------------
+
+
+def test_userinfo_becomes_basic_auth_and_the_password_is_shown_nowhere(server, capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-env-key-not-for-this-endpoint")
+    run = nbparrot.map(ROWS, "Say: {q}", base_url=with_userinfo(server.base_url), cache="off")
+    assert run.status == "finished" and run.progress.done == 3, run.errors
+    endpoint = run.engine.endpoint
+    assert endpoint.base_url == server.base_url and endpoint.basic_auth == ("alice", PASSWORD)
+    assert PASSWORD not in endpoint.chat_url
+    assert endpoint.api_key is None  # the environment's key is not sent along with the URL's credentials
+    token = base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
+    assert endpoint.headers()["Authorization"] == f"Basic {token}"
+    assert "basic_auth=set" in repr(endpoint)
+    assert PASSWORD not in everything_shown(run, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("server", [{"api_key": "sk-the-only-key-it-takes-0123"}], indirect=True)
+def test_refused_basic_auth_stops_the_run_without_showing_the_password(server, capsys):
+    run = nbparrot.map(ROWS, "Say: {q}", base_url=with_userinfo(server.base_url), cache="off")
+    assert run.status == "failed"
+    assert isinstance(run.error, nbparrot.AuthenticationError)
+    assert set(run.errors["status"]) == {"cancelled"}
+    shown = everything_shown(run, capsys.readouterr().err)
+    assert PASSWORD not in shown and "alice" not in shown
+
+
+def test_userinfo_and_an_explicit_api_key_is_a_config_error_that_hides_the_password():
+    with pytest.raises(ConfigError, match="Basic") as caught:
+        nbparrot.map(ROWS, "Say: {q}", base_url=with_userinfo("http://127.0.0.1:9/v1"), api_key="sk-explicit-0123")
+    assert PASSWORD not in str(caught.value) and "***@127.0.0.1:9" in str(caught.value)
+
+
+def test_userinfo_is_never_echoed_by_url_checks():
+    for url in (with_userinfo("ftp://host/v1"), with_userinfo("http://host/v1") + "?x=1"):
+        with pytest.raises(ConfigError) as caught:
+            resolve_endpoint(url)
+        assert PASSWORD not in str(caught.value), caught.value
+
+
+def test_userinfo_details():
+    # percent-encoded parts are decoded; a blank user with the key as password works for OpenAI itself
+    endpoint = resolve_endpoint("https://:sk-key%40part-0123456789@api.openai.com/v1/")
+    assert endpoint.basic_auth == ("", "sk-key@part-0123456789") and endpoint.is_openai
+    assert endpoint.base_url == "https://api.openai.com/v1"
+    # Azure keeps its own api-key header next to Basic auth
+    azure = resolve_endpoint("https://u:pw@res.openai.azure.com/openai/deployments/gpt-4o", api_key="azure-key")
+    headers = azure.headers()
+    assert headers["api-key"] == "azure-key" and headers["Authorization"].startswith("Basic ")
+    # an Endpoint built by hand never keeps them in its URL either
+    direct = Endpoint(f"http://bob:{PASSWORD}@127.0.0.1:9/v1")
+    assert direct.base_url == "http://127.0.0.1:9/v1" and PASSWORD not in repr(direct)
+    assert direct.redact(f"echo {PASSWORD}") == "echo ***"
+
+
+# ---- a key in the URL path ----------------------------------------------------------------------
+
+
+def test_key_in_the_path_is_masked_when_the_server_is_down(capsys):
+    base_url = f"http://127.0.0.1:{free_port()}/v1/{PATH_KEY}/"
+    run = nbparrot.map(ROWS, "Say: {q}", base_url=base_url, api_key="sk-header-key-0123456789",
+                       max_retries=1, backoff=0.01, cache="off")
+    with pytest.raises(nbparrot.EndpointUnreachableError) as caught:
+        run.result()
+    assert "could not reach" in str(caught.value) and PATH_KEY not in str(caught.value)
+    assert PATH_KEY in run.engine.endpoint.chat_url  # the requests still need it
+    shown = everything_shown(run, capsys.readouterr().err)
+    assert "could not reach" in shown and PATH_KEY[:8] not in shown
+
+
+def test_redact_url():
+    assert redact_url(f"http://u:{PASSWORD}@h:1/v1/{PATH_KEY}/x") == "http://***@h:1/v1/sk-p***/x"
+    assert redact_url("http://h/v1/0123456789abcdef0123456789abcdef/openai") == "http://h/v1/0123***/openai"
+    kept = ["https://x.openai.azure.com/openai/deployments/gpt-4o-mini-2024-07-18",
+            "http://127.0.0.1:8000/v1/chat/completions", "https://platform.openai.com/account/api-keys"]
+    assert [redact_url(u) for u in kept] == kept
+    text = f"could not reach http://a:{PASSWORD}@h/v1/{PATH_KEY} (refused); see http://h/docs."
+    assert redact(text) == "could not reach http://***@h/v1/sk-p*** (refused); see http://h/docs."
+    assert PATH_KEY not in str(FatalError(f"403 from http://h/{PATH_KEY}/chat/completions"))
+
+
+# ---- cancelled before its first step, awaited from another task ---------------------------------
+
+
+@pytest.mark.parametrize("how", ["wait_for", "ensure_future", "done_and_result"])
+def test_cancel_before_the_first_step_then_await_from_another_task(server, how):
+    async def main() -> nbparrot.Run:
+        run = nbparrot.map(pd.DataFrame({"q": ["a", "b"]}), "Say: {q}", base_url=server.base_url,
+                           api_key="sk-test-0123456789", cache="off", progress=False)
+        run.cancel()  # before the run's task has taken its first step
+        with pytest.warns(UserWarning, match="cancelled"):
+            if how == "wait_for":
+                result = await asyncio.wait_for(run, 5)
+            elif how == "ensure_future":
+                result = await asyncio.ensure_future(run._wait())
+            else:
+                async def look() -> object:
+                    assert run._task.done()
+                    assert run.done()  # no longer waits for the task's done callback
+                    return run.result()
+                result = await asyncio.create_task(look())
+        assert result.isna().all()
+        return run
+
+    run = asyncio.run(main())
+    assert run.status == "cancelled" and run.done()
+    assert list(run.errors["status"]) == ["cancelled", "cancelled"]
+    assert all(o.status == "cancelled" and o.error for o in run.outcomes)
+    assert server.stats()["requests"] == 0
