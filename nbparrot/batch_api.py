@@ -221,7 +221,7 @@ class BatchEngine(Engine):
                 return await self._send("GET", path, raw=raw)
             except (*TRANSIENT_ERRORS, _Transient) as exc:
                 if attempt == GET_ATTEMPTS - 1:
-                    raise FatalError(f"{self.endpoint.base_url}{path} keeps failing: {exc}") from None
+                    raise FatalError(f"{self.endpoint.display_url}{path} keeps failing: {exc}") from None
                 self.progress.last_error = f"{path}: {exc} (retrying)"
                 await asyncio.sleep(random.uniform(0.5, 1.0) * min(60.0, 2.0 ** attempt))
         raise AssertionError("unreachable")  # pragma: no cover

@@ -54,6 +54,7 @@ import types
 import typing
 import uuid
 from pathlib import Path
+from urllib.parse import quote
 from typing import Any
 
 import dask
@@ -114,10 +115,12 @@ class _Plan:
     """
 
     def __init__(self, template: Any, options: dict[str, Any], key: _Secret, *, slots: int,
-                 rpm: float | None, tpm: float | None, client_pid: int, dtypes: Any = None):
+                 rpm: float | None, tpm: float | None, client_pid: int, dtypes: Any = None,
+                 url: _Secret | None = None):
         self.template = template
         self.options = options  # nbparrot.map's keyword arguments, without api_key
         self.key = key
+        self.url = url  # base_url with its user:password@, when it had them (hidden like the key)
         self.slots = slots  # partitions that can run at once across the cluster
         self.rpm = rpm  # the cluster-wide limits as given
         self.tpm = tpm
@@ -137,7 +140,10 @@ class _Plan:
                 f"{limits + ' ' if limits else ''}shared by {self.slots} worker thread(s)>")
 
     def worker_options(self) -> dict[str, Any]:
-        return {**self.options, "api_key": self.key.reveal(), "progress": False}
+        options = {**self.options, "api_key": self.key.reveal(), "progress": False}
+        if self.url is not None:
+            options["base_url"] = self.url.reveal()
+        return options
 
 
 def cluster_slots() -> int:
@@ -209,8 +215,13 @@ def _plan(frame: dd.DataFrame, template: Any, options: dict[str, Any]) -> _Plan:
         if isinstance(max_cost, bool) or not isinstance(max_cost, (int, float)) or not max_cost > 0:
             raise ConfigError(f"max_cost must be a positive number of USD, not {max_cost!r}")
         options["max_cost"] = max_cost / max(1, frame.npartitions)
+    url = None
+    if endpoint.basic_auth is not None:
+        scheme, rest = endpoint.base_url.split("://", 1)
+        user, password = (quote(part, safe="") for part in endpoint.basic_auth)
+        url = _Secret(f"{scheme}://{user}:{password}@{rest}")
     return _Plan(template, options, _Secret(endpoint.api_key or ""), slots=slots, rpm=rpm, tpm=tpm,
-                 client_pid=os.getpid())
+                 client_pid=os.getpid(), url=url)
 
 
 # ---- dtypes: every partition looks like the lazy frame says ----------------------------

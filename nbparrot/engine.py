@@ -35,7 +35,6 @@ from .errors import (
     describe_error,
     error_fields,
     fatal_error,
-    redact,
 )
 from .pricing import Estimate, cost_of, estimate, price_of
 from .ratelimit import Pacer, retry_after_seconds
@@ -478,7 +477,7 @@ class Engine:
             try:
                 self._answer(row, json.loads(raw), now - sent)
             except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-                self._retry(row, f"unreadable answer from the endpoint: {redact(repr(raw[:200]), self.endpoint.api_key)}")
+                self._retry(row, f"unreadable answer from the endpoint: {self.endpoint.redact(repr(raw[:200]))}")
             return
         self._error(row, status, headers, raw, version)
 
@@ -560,7 +559,8 @@ class Engine:
 
     def _error(self, row: int, status: int, headers: Mapping[str, str], raw: bytes, version: int) -> None:
         message, code, kind = error_fields(raw, self.endpoint.api_key)
-        fatal = fatal_error(status, message, code, kind, f"{status} from {self.endpoint.chat_url}")
+        message = self.endpoint.redact(message)
+        fatal = fatal_error(status, message, code, kind, f"{status} from {self.endpoint.display_chat_url}")
         if fatal is not None:
             return self._stop_run(fatal)
         if status == 429:
@@ -607,7 +607,7 @@ class Engine:
 
     def _retry(self, row: int, reason: str) -> None:
         failures = self._failures[row] = self._failures.get(row, 0) + 1
-        self.progress.last_error = reason
+        self.progress.last_error = reason = self.endpoint.redact(reason)
         if failures > self.settings.max_retries:
             if not self._heard:
                 return self._stop_run(EndpointUnreachableError(

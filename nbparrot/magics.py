@@ -387,9 +387,9 @@ def _models(base_url: str | None) -> list[str]:
         with opener.open(request, timeout=30) as response:
             data = json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        raise UsageError(f"%llm models: {exc.code} from {endpoint.base_url}/models") from None
+        raise UsageError(f"%llm models: {exc.code} from {endpoint.display_url}/models") from None
     except (urllib.error.URLError, OSError) as exc:
-        raise UsageError(f"%llm models: cannot reach {endpoint.base_url} ({exc})") from None
+        raise UsageError(f"%llm models: cannot reach {endpoint.display_url} ({endpoint.redact(str(exc))})") from None
     return sorted(m.get("id", "") for m in data.get("data", []))
 
 

@@ -280,7 +280,7 @@ class Panel(_Ticker):
         run = self.run
         label = f" · {html.escape(run.label)}" if run.label else ""
         self.title.value = (f"<b>nbparrot run {run.id}</b> · {html.escape(run.model)} · "
-                            f"{html.escape(run.engine.endpoint.base_url)}{label} · <i>{run.status}</i>")
+                            f"{html.escape(run.engine.endpoint.display_url)}{label} · <i>{run.status}</i>")
 
     def refresh(self) -> None:
         s = snapshot(self.run, self._rates)

@@ -63,20 +63,20 @@ async def stream_chat(endpoint: Endpoint, body: dict, on_text: Callable[[list[st
             if attempt == attempts:
                 break
             await asyncio.sleep(wait if wait is not None else random.uniform(0, 2 ** attempt * 0.5))
-        raise NbparrotError(f"no answer from {endpoint.base_url} after {attempts} attempts"
+        raise NbparrotError(f"no answer from {endpoint.display_url} after {attempts} attempts"
                             + (f" ({type(last).__name__}: {last})" if last else ""))
 
 
 def _check(status: int, headers: Any, raw: bytes, endpoint: Endpoint) -> float | None:
     """Raise for answers that cannot be retried; return how long to wait before the next try."""
     message, code, kind = error_fields(raw, endpoint.api_key)
-    where = f"{status} from {endpoint.base_url}"
+    where = f"{status} from {endpoint.display_url}"
     fatal = fatal_error(status, message, code, kind, where)
     if fatal is not None:
         raise fatal
     if status == 429 or status in (408, 409) or status >= 500:
         return retry_after_seconds(headers, message)
-    raise FatalError(f"{endpoint.base_url}: {describe_error(status, message, code)}", status=status,
+    raise FatalError(f"{endpoint.display_url}: {describe_error(status, message, code)}", status=status,
                      code=code if isinstance(code, str) else None)
 
 
