@@ -17,14 +17,20 @@ finalizing -> completed within ``batch_seconds`` (default 2 s, instead of up to
 24 h), its lines answered by the same code as ``/v1/chat/completions`` (minus
 latency, rate limits and random faults), its output lines shuffled.
 
+Structured answers decide their boolean and enum fields by documented rules
+(:mod:`.decisions`: :func:`expected_decision`, :func:`expected_label`,
+:func:`expected_labels`, :func:`expected_confidence`), with logprobs on request
+(:mod:`.logprobs`); ``mock-weak`` errs on ``<<hard>>`` rows, ``mock-strong`` never.
+
 Run it with ``python -m nbparrot.server --port 8000 --rpm 500 --p500 0.05``
 or, from Python, with :class:`ServerProcess` (a subprocess) or :func:`serve`.
 
 Modules, one per area: :mod:`.config` (ServerConfig, loopback check, markers,
 constants), :mod:`.prompts` (tags, digests, token counts, filler),
-:mod:`.schema_faker` (JSON-schema instances), :mod:`.limits` (rate-limit
-buckets, faults, stats), :mod:`.wire` (errors and HTTP helpers), :mod:`.chat`
-(chat completions and streaming), :mod:`.files` and :mod:`.batches`,
+:mod:`.schema_faker` (JSON-schema instances), :mod:`.decisions` (booleans,
+labels, confidence), :mod:`.logprobs`, :mod:`.limits` (rate-limit buckets,
+faults, stats), :mod:`.wire` (errors and HTTP helpers), :mod:`.chat` (chat
+completions and streaming), :mod:`.files` and :mod:`.batches`,
 :mod:`.app` (the app, build_app, serve), :mod:`.cli` (flags, main) and
 :mod:`.process` (ServerProcess).
 """
@@ -45,19 +51,35 @@ from .config import (
     DEFAULT_MODELS,
     FILE_MAX_BYTES,
     FILE_PURPOSES,
+    HARD_MARKER,
     HUGE_ANSWER_MARKER,
     HUGE_JUNK_MARKER,
     LIST_JSON_MARKER,
     LOOPBACK_HOSTS,
+    NO_MARKER,
     NOT_JSON_MARKER,
     NOT_JSON_ONCE_MARKER,
     NULL_CONTENT_MARKER,
     NUMERIC_CODE_MARKER,
     REFUSAL_MARKER,
+    STRONG_MODEL,
     SUBPROCESS_MAX_LIFETIME,
+    WEAK_MODEL,
+    YES_MARKER,
     ServerConfig,
     check_loopback,
 )
+from .decisions import (
+    CONFIDENCE_RANGE,
+    WEAK_EASY_RANGE,
+    WEAK_HARD_RANGE,
+    decision_text,
+    expected_confidence,
+    expected_decision,
+    expected_label,
+    expected_labels,
+)
+
 from .process import ServerProcess
 from .prompts import expected_tag, format_duration, prompt_tag, prompt_tokens
 
@@ -68,6 +90,11 @@ __all__ = [
     "build_app",
     "config_from_args",
     "config_to_argv",
+    "decision_text",
+    "expected_confidence",
+    "expected_decision",
+    "expected_label",
+    "expected_labels",
     "expected_tag",
     "format_duration",
     "main",

@@ -23,6 +23,7 @@ from aiohttp import web
 from .config import BATCH_ENDPOINT, BATCH_FAIL_MARKER, BATCH_PHASE_SHARE, BATCH_WINDOW_SECONDS, _BATCH_MAX_ERRORS
 from .chat import _completion, _usage
 from .files import _StoredFile
+from .logprobs import logprobs_object
 from .wire import _find, _guarded, _json_object, _list_object, _page, _Reject
 
 
@@ -228,11 +229,12 @@ class _BatchEndpoints:
                 payload = _Reject(500, "The server had an error while processing your request. Sorry about that!",
                                   "server_error", None).body()
             else:
-                contents, finishes, counts = self.answer(req)
+                contents, finishes, counts, pieces = self.answer(req)
                 ctoks = sum(counts)
                 status = 200
+                logprobs = None if pieces is None else [logprobs_object(p, req.top_logprobs) for p in pieces]
                 payload = _completion(f"chatcmpl-{req.tag}{digest[:8]}", int(time.time()), req.model, contents,
-                                      finishes, _usage(req.ptoks, ctoks))
+                                      finishes, _usage(req.ptoks, ctoks), logprobs=logprobs)
                 batch.input_tokens += req.ptoks
                 batch.output_tokens += ctoks
         ok = status == 200

@@ -2,9 +2,14 @@
 
 Choice ``i`` of a text answer is ``[<tag>#<i>] <first 48 chars of the last user message> `` then
 lorem-ipsum filler up to the choice's completion tokens (4 characters a token); at temperature 0
-every choice is choice 0's answer. ``json_object`` answers are ``{"tag", "echo", "choice",
-"text"}`` objects; ``json_schema`` answers are instances of the schema (:mod:`.schema_faker`).
-Markers in the last user message (see :mod:`.config`) ask for broken, empty, refused or huge answers.
+every choice is choice 0's answer. ``json_schema`` answers are instances of the schema
+(:mod:`.schema_faker`, written as UTF-8 JSON), and so are ``json_object`` answers to a prompt that
+gives the schema in words (the first JSON object after the words "JSON schema", as nbparrot's
+fallback instruction does, see :func:`.decisions.schema_in_words`); other ``json_object`` answers
+are ``{"tag", "echo", "choice", "text"}`` objects. In those instances booleans and enums follow the
+decision rules of :mod:`.decisions` (same for every choice). ``logprobs: true`` adds token logprobs
+(:mod:`.logprobs`), per token in streams too. Markers in the last user message (see :mod:`.config`)
+ask for broken, empty, refused or huge answers.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from .config import (
     NUMERIC_CODE_MARKER,
     REFUSAL_MARKER,
 )
+from .decisions import _Decider, schema_in_words
+from .logprobs import Piece, answer_pieces, logprobs_object
 from .prompts import _digest, _filler, _prompt_parts
 from .schema_faker import _SchemaFaker
 from .wire import _Reject, _flush_then_abort, _int_param
@@ -37,7 +44,7 @@ class _ChatRequest:
     """A checked chat completion request: the prompt, then the options :meth:`_ChatEndpoint.parse_options` reads."""
 
     __slots__ = ("model", "prompt_text", "last_user", "digest", "tag", "ptoks", "n", "max_tokens", "fmt", "schema",
-                 "greedy")
+                 "greedy", "logprobs", "top_logprobs")
 
     def __init__(self, model: str, prompt_text: str, chars: int, last_user: str) -> None:
         """Derive the tag and prompt tokens from the prompt; options start at their defaults."""
@@ -52,6 +59,8 @@ class _ChatRequest:
         self.fmt = "text"
         self.schema: dict = {}
         self.greedy = False
+        self.logprobs = False  # logprobs asked for, and served
+        self.top_logprobs = 0
 
 
 def _usage(ptoks: int, ctoks: int) -> dict:
@@ -67,8 +76,10 @@ def _usage(ptoks: int, ctoks: int) -> dict:
 
 
 def _completion(completion_id: str, created: int, model: str, contents: list[str | None], finishes: list[str],
-                usage: dict | None, refusal: str | None = None) -> dict:
+                usage: dict | None, refusal: str | None = None, logprobs: list[dict | None] | None = None) -> dict:
     """A ``chat.completion`` object with one choice per content (no ``usage`` key when it is None)."""
+    if logprobs is None:
+        logprobs = [None] * len(contents)
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -76,8 +87,8 @@ def _completion(completion_id: str, created: int, model: str, contents: list[str
         "model": model,
         "choices": [
             {"index": i, "message": {"role": "assistant", "content": content, "refusal": refusal, "annotations": []},
-             "logprobs": None, "finish_reason": finish}
-            for i, (content, finish) in enumerate(zip(contents, finishes))
+             "logprobs": lp, "finish_reason": finish}
+            for i, (content, finish, lp) in enumerate(zip(contents, finishes, logprobs))
         ],
         **({"usage": usage} if usage is not None else {}),
         "service_tier": "default",
@@ -142,6 +153,16 @@ class _ChatEndpoint:
                                   "response_format.json_schema")
                 req.schema = schema
             req.fmt = fmt
+        logprobs = body.get("logprobs")
+        if logprobs is not None and not isinstance(logprobs, bool):
+            raise _Reject(400, f"Invalid type for 'logprobs': expected a boolean, but got {type(logprobs).__name__} "
+                          "instead.", "invalid_request_error", "invalid_type", "logprobs")
+        top_logprobs = _int_param(body, "top_logprobs", 0, 20)
+        if top_logprobs is not None and not logprobs:
+            raise _Reject(400, "The 'top_logprobs' parameter is only allowed when 'logprobs' is enabled.",
+                          "invalid_request_error", None, "top_logprobs")
+        req.logprobs = bool(logprobs) and cfg.logprobs  # a server without logprobs answers "logprobs": null
+        req.top_logprobs = top_logprobs or 0
         req.greedy = body.get("temperature") == 0  # at temperature 0 every choice is the same answer, as in practice
         if NUMERIC_CODE_MARKER in req.last_user:  # some gateways and vLLM builds send numeric codes
             raise _Reject(400, "This request was rejected (numeric error code).", "BadRequestError", 400)
@@ -157,8 +178,11 @@ class _ChatEndpoint:
             raise _Reject(400, f"This model's maximum context length is {cfg.context_window} tokens. {detail}",
                           "invalid_request_error", "context_length_exceeded", "messages")
 
-    def answer(self, req: _ChatRequest) -> tuple[list[str], list[str], list[int]]:
-        """The deterministic (contents, finish reasons, completion tokens) of each of ``req``'s n choices."""
+    def answer(self, req: _ChatRequest) -> tuple[list[str], list[str], list[int], list[list[Piece]] | None]:
+        """The deterministic (contents, finish reasons, completion tokens, logprob tokens) of ``req``'s n choices.
+
+        The logprob tokens are None unless the request asked for logprobs (and the server serves them).
+        """
         cfg = self.config
         tag, fmt, schema, last_user, max_tokens = req.tag, req.fmt, req.schema, req.last_user, req.max_tokens
         not_json = NOT_JSON_MARKER in req.prompt_text or NOT_JSON_ONCE_MARKER in last_user
@@ -167,6 +191,13 @@ class _ChatEndpoint:
         contents: list[str] = []
         finishes: list[str] = []
         counts: list[int] = []
+        pieces: list[list[Piece]] | None = [] if req.logprobs else None
+        faking = fmt == "json_schema"
+        if fmt == "json_object" and not not_json and LIST_JSON_MARKER not in last_user:
+            in_words = schema_in_words(req.prompt_text)  # the json_object fallback: the schema in an instruction
+            if in_words is not None:
+                schema, faking = in_words, True
+        decider = _Decider(last_user, req.model) if faking and not not_json else None
         ct, ct_max = cfg.completion_tokens, cfg.completion_tokens_max
         for i in range(req.n):
             tokens = ct if ct_max is None else ct + (seed + i * 7919) % (ct_max - ct + 1)
@@ -174,6 +205,8 @@ class _ChatEndpoint:
             if max_tokens is not None and tokens > max_tokens:
                 tokens, finish = max_tokens, "length"
             label = f"{tag}#{0 if req.greedy else i}"
+            value: Any = None
+            faker = None
             if fmt == "text" or not_json:
                 prefix = f"[{label}] {echo} "
                 content = prefix + _filler(tokens * 4 - len(prefix))
@@ -181,8 +214,10 @@ class _ChatEndpoint:
                     content = content[: max(tokens * 4, len(label) + 2)]
                 content = content.rstrip()
             else:
-                if fmt == "json_schema":
-                    content = json.dumps(_SchemaFaker(schema, label, seed + i).make(schema))
+                if faking:
+                    faker = _SchemaFaker(schema, label, seed + i, decider)
+                    value = faker.make(schema)
+                    content = json.dumps(value, ensure_ascii=False)
                 elif LIST_JSON_MARKER in last_user:
                     content = json.dumps({"items": [
                         {"question": f"Question {k + 1} about {echo} [{label}]", "answer": f"Answer {k + 1} [{label}]"}
@@ -196,7 +231,9 @@ class _ChatEndpoint:
             contents.append(content)
             finishes.append(finish)
             counts.append(tokens)
-        return contents, finishes, counts
+            if pieces is not None:
+                pieces.append(answer_pieces(content, value, faker.decisions if faker is not None else None))
+        return contents, finishes, counts, pieces
 
     # ---- chat completions
 
@@ -263,17 +300,24 @@ class _ChatEndpoint:
         # ---- the answer
         stream = bool(body.get("stream"))
         include_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
-        contents, finishes, counts = self.answer(req)
+        contents, finishes, counts, pieces = self.answer(req)
         ctoks = sum(counts)
         last_user = req.last_user
         refusal = None
         if REFUSAL_MARKER in last_user:
             refusal = "I'm sorry, but I can't help with that."
             contents = [None] * len(contents)
+            pieces = None
         elif NULL_CONTENT_MARKER in last_user:
             contents = [None] * len(contents)
+            pieces = None
         elif HUGE_ANSWER_MARKER in last_user:
             contents = [c + " " + _filler(cfg.huge_bytes) for c in contents]
+            pieces = None
+        logprobs = None
+        if req.logprobs:
+            logprobs = [None] * len(contents) if pieces is None else [logprobs_object(p, req.top_logprobs)
+                                                                      for p in pieces]
 
         if fault == "reset":
             stats.faults["reset"] += 1
@@ -301,8 +345,10 @@ class _ChatEndpoint:
         if stream:
             stats.streams += 1
             return await self.stream(request, headers, completion_id, created, model, contents, finishes, counts,
-                                     usage if include_usage else None, include_usage, reset=fault == "reset")
-        payload = json.dumps(_completion(completion_id, created, model, contents, finishes, usage, refusal)).encode()
+                                     usage if include_usage else None, include_usage, reset=fault == "reset",
+                                     logprobs=logprobs)
+        payload = json.dumps(_completion(completion_id, created, model, contents, finishes, usage, refusal,
+                                         logprobs)).encode()
         if fault == "reset":
             resp = web.StreamResponse(status=200, headers=headers)
             resp.content_type = "application/json"
@@ -334,8 +380,12 @@ class _ChatEndpoint:
 
     async def stream(self, request: web.Request, headers: dict[str, str], completion_id: str, created: int,
                      model: str, contents: list[str], finishes: list[str], counts: list[int],
-                     usage: dict | None, include_usage: bool, reset: bool) -> web.StreamResponse:
-        """Send the answer as SSE chat.completion.chunk events, one choice after the other."""
+                     usage: dict | None, include_usage: bool, reset: bool,
+                     logprobs: list[dict | None] | None = None) -> web.StreamResponse:
+        """Send the answer as SSE chat.completion.chunk events, one choice after the other.
+
+        A chunk carries a word and the spaces after it; with logprobs, one logprob token and its entry.
+        """
         per_token = self.config.per_token_ms
         head = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
                 "service_tier": "default", "system_fingerprint": "fp_nbparrot"}
@@ -349,13 +399,21 @@ class _ChatEndpoint:
         for i, content in enumerate(contents):
             events.append((event([{"index": i, "delta": {"role": "assistant", "content": "", "refusal": None},
                                    "logprobs": None, "finish_reason": None}]), 0.0))
-            words = content.split(" ")
-            gap = per_token * counts[i] / len(words) / 1000.0 if per_token else 0.0
-            last = len(words) - 1
-            for k, word in enumerate(words):
-                piece = word if k == last else word + " "
-                events.append((event([{"index": i, "delta": {"content": piece}, "logprobs": None,
-                                       "finish_reason": None}]), gap))
+            entries = logprobs[i]["content"] if logprobs is not None and logprobs[i] is not None else None
+            if entries is not None:
+                gap = per_token * counts[i] / max(1, len(entries)) / 1000.0 if per_token else 0.0
+                for entry in entries:
+                    events.append((event([{"index": i, "delta": {"content": entry["token"]},
+                                           "logprobs": {"content": [entry], "refusal": None},
+                                           "finish_reason": None}]), gap))
+            else:
+                words = content.split(" ")
+                gap = per_token * counts[i] / len(words) / 1000.0 if per_token else 0.0
+                last = len(words) - 1
+                for k, word in enumerate(words):
+                    piece = word if k == last else word + " "
+                    events.append((event([{"index": i, "delta": {"content": piece}, "logprobs": None,
+                                           "finish_reason": None}]), gap))
             events.append((event([{"index": i, "delta": {}, "logprobs": None, "finish_reason": finishes[i]}]), 0.0))
         if usage is not None:
             events.append((event([], usage=usage), 0.0))

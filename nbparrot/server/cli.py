@@ -48,6 +48,7 @@ _FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("huge_bytes", int, "bytes of the answers the <<huge-answer>> and <<huge-junk>> markers ask for"),
     ("seed", int, "seed of the fault RNG"),
     ("json_schema", _bool, "accept response_format json_schema (false: 400, as older endpoints)"),
+    ("logprobs", _bool, "answer logprobs when asked (false: \"logprobs\": null, as gateways that drop them)"),
     ("batch_seconds", float, "seconds a batch takes from creation to completed (a tenth validating, a tenth finalizing)"),
     ("max_lifetime", float, "exit after this many seconds"),
 )

@@ -2,6 +2,9 @@
 
 Markers are strings a prompt can carry to ask for a particular behaviour (tests use them); the
 constants are the limits OpenAI documents for the Files and Batch APIs.
+
+Models: every chat model follows the decision rules of :mod:`.decisions`; ``mock-weak`` errs on
+rows marked ``<<hard>>`` (a cheap model for cascades), ``mock-strong`` never does.
 """
 
 from __future__ import annotations
@@ -20,7 +23,12 @@ DEFAULT_MODELS = (
     "gpt-5-nano",
     "gpt-5",
     "mock",
+    "mock-weak",
+    "mock-strong",
 )
+#: Chat models of the cascade: the weak one errs on <<hard>> rows (see decisions.py), the strong one never.
+WEAK_MODEL = "mock-weak"
+STRONG_MODEL = "mock-strong"
 #: Tokens a request without max_tokens is charged per choice by the limiter.
 DEFAULT_MAX_TOKENS_CHARGE = 4096
 #: Markers in the last user message that change the answer (used by tests).
@@ -33,6 +41,9 @@ NULL_CONTENT_MARKER = "<<null-content>>"  # in the last user message: every choi
 REFUSAL_MARKER = "<<refusal>>"  # in the last user message: content null and a refusal, as OpenAI sends one
 HUGE_ANSWER_MARKER = "<<huge-answer>>"  # in the last user message: a valid answer of huge_bytes, with its length
 HUGE_JUNK_MARKER = "<<huge-junk>>"  # in the last user message: huge_bytes of non-JSON, chunked, no length
+YES_MARKER = "<<yes>>"  # in the last user message: boolean fields of a structured answer are true
+NO_MARKER = "<<no>>"  # in the last user message: boolean fields are false (<<yes>> wins if both)
+HARD_MARKER = "<<hard>>"  # in the last user message: mock-weak gets the decision wrong, with low confidence
 #: The Batch API as OpenAI documents it: one endpoint served here, a 24 h window, limits per input file.
 BATCH_ENDPOINT = "/v1/chat/completions"
 BATCH_WINDOW_SECONDS = 24 * 3600
@@ -79,6 +90,7 @@ class ServerConfig:
     retry_after: bool = True  # False: 429s carry no retry-after headers
     seed: int = 0  # faults are drawn from random.Random(seed)
     json_schema: bool = True  # False: refuse response_format json_schema with a 400, as older endpoints do
+    logprobs: bool = True  # False: ignore logprobs/top_logprobs and answer "logprobs": null, as some gateways
     batch_seconds: float = 2.0  # how long a batch takes from creation to "completed" (OpenAI: up to 24 h)
     max_lifetime: float | None = None  # exit on its own after this many seconds
 

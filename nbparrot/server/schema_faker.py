@@ -4,6 +4,11 @@ Covers the subset pydantic and users emit: ``$ref`` (local), ``const``, ``enum``
 ``oneOf`` (first non-null option), ``allOf`` (merged), objects, arrays (two items, clamped to
 ``minItems`` / ``maxItems``, ``prefixItems``), strings (with common formats and lengths), numbers
 within their bounds, booleans.
+
+Booleans, string enums and arrays of string enum items (multi-label) follow the decision rules
+of :mod:`.decisions` when a decider is given (every chat answer gives one); each such value is
+recorded in ``decisions`` under its path (``$``, ``$.field``, ``$.field[0]``) for the logprobs.
+Without a decider (or for a non-string enum) the value is hash-picked from the path and choice.
 """
 
 from __future__ import annotations
@@ -11,7 +16,18 @@ from __future__ import annotations
 import hashlib
 import math
 import zlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .decisions import _Decider
+
+
+def _string_enum(schema: Any) -> list[str] | None:
+    """The ``enum`` of a schema if it is a non-empty list of strings."""
+    values = schema.get("enum") if isinstance(schema, dict) else None
+    if isinstance(values, list) and values and all(isinstance(v, str) for v in values):
+        return values
+    return None
 
 
 class _SchemaFaker:
@@ -19,11 +35,20 @@ class _SchemaFaker:
 
     max_depth = 8
 
-    def __init__(self, root: dict, label: str, seed: int) -> None:
-        """Remember the root (for $ref), the ``tag#i`` label and a per-choice seed."""
+    def __init__(self, root: dict, label: str, seed: int, decider: _Decider | None = None) -> None:
+        """Remember the root (for $ref), the ``tag#i`` label, a per-choice seed and the request's decider."""
         self.root = root
         self.label = label
         self.seed = seed
+        self.decider = decider
+        #: path -> (value, alternatives, probability) of each decided value
+        self.decisions: dict[str, tuple[bool | str, list[bool | str], float]] = {}
+
+    def decide(self, path: str, value: bool | str, choices: list) -> bool | str:
+        """Record a decided value and its alternatives (the other choices)."""
+        assert self.decider is not None
+        self.decisions[path] = (value, [c for c in dict.fromkeys(choices) if c != value], self.decider.confidence)
+        return value
 
     def pick(self, path: str, count: int) -> int:
         """A deterministic index in [0, count) for this choice and schema path."""
@@ -54,6 +79,9 @@ class _SchemaFaker:
         if "const" in schema:
             return schema["const"]
         if isinstance(schema.get("enum"), list) and schema["enum"]:
+            labels = _string_enum(schema) if self.decider is not None else None
+            if labels is not None:
+                return self.decide(path, self.decider.label(labels), labels)
             return schema["enum"][self.pick(path, len(schema["enum"]))]
         for key in ("anyOf", "oneOf"):
             options = schema.get(key)
@@ -97,6 +125,8 @@ class _SchemaFaker:
         if kind == "number":
             return self.make_number(schema, path, integer=False)
         if kind == "boolean":
+            if self.decider is not None:
+                return self.decide(path, self.decider.boolean(), [True, False])
             return self.pick(path, 2) == 0
         return None
 
@@ -109,10 +139,28 @@ class _SchemaFaker:
         items = schema.get("items", {})
         if prefix:
             count = len(prefix) if items is False else max(count, len(prefix))
+        elif self.decider is not None:
+            item = self.resolve(items["$ref"]) if isinstance(items, dict) and "$ref" in items else items
+            labels = _string_enum(item)
+            if labels is not None:
+                return self.make_labels(schema, path, labels)
         return [
             self.make(prefix[k] if k < len(prefix) else items, f"{path}[{k}]", f"{name}[{k}]", depth + 1)
             for k in range(count)
         ]
+
+    def make_labels(self, schema: dict, path: str, labels: list[str]) -> list[str]:
+        """A multi-label answer: the decided labels, cut to maxItems, padded to minItems with the others."""
+        assert self.decider is not None
+        values = self.decider.labels(labels)
+        if isinstance(schema.get("maxItems"), int):
+            values = values[: max(0, schema["maxItems"])]
+        if isinstance(schema.get("minItems"), int):
+            spare = [label for label in dict.fromkeys(labels) if label not in values]
+            values += spare[: max(0, schema["minItems"] - len(values))]
+        for k, value in enumerate(values):
+            self.decide(f"{path}[{k}]", value, labels)
+        return values
 
     def make_string(self, schema: dict, path: str, name: str) -> str:
         """A string carrying the tag, or a well-formed value for common formats."""
