@@ -1,15 +1,18 @@
-"""What the table operators (filter, classify, cascades) need from the mock server.
+"""What the table operators (filter, classify, embed, search, sim_join, cascades) need from the mock server.
 
 Decisions (booleans and enum labels of structured answers) follow documented rules that the tests
 reproduce with ``expected_decision`` / ``expected_label`` / ``expected_labels``; logprobs carry a
-documented confidence; ``mock-weak`` errs on ``<<hard>>`` rows.
+documented confidence; ``mock-weak`` errs on ``<<hard>>`` rows; ``/v1/embeddings`` returns hashed
+bag-of-words vectors (``expected_embedding``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import math
+import struct
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -18,14 +21,17 @@ from typing import Any, Literal
 import aiohttp
 import httpx
 import pytest
-from openai import OpenAI
+from openai import BadRequestError, NotFoundError, OpenAI
 from pydantic import BaseModel
 
 from nbparrot.server import (
     CONFIDENCE_RANGE,
+    EMBEDDING_DIMENSIONS,
+    ServerConfig,
     ServerProcess,
     expected_confidence,
     expected_decision,
+    expected_embedding,
     expected_label,
     expected_labels,
     expected_tag,
@@ -93,6 +99,11 @@ def sdk(server: ServerProcess) -> OpenAI:
 def user(text: str) -> list[dict]:
     """One user message."""
     return [{"role": "user", "content": text}]
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    """Cosine similarity."""
+    return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
 
 
 # ----------------------------------------------------------------------------- the rules themselves
@@ -297,3 +308,117 @@ def test_weak_model_errs_on_hard_rows_with_low_confidence(srv: ServerProcess) ->
                 assert 0.5 <= p <= 0.6 if hard else p >= 0.9
             else:
                 assert keep is expected_decision(row) and 0.55 <= p <= 0.99
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+def test_embeddings_shapes_dimensions_and_usage(srv: ServerProcess) -> None:
+    texts = ["the cat sat on the mat", "stocks fell sharply"]
+    for model, dims in EMBEDDING_DIMENSIONS.items():
+        status, data, headers = post(srv, {"model": model, "input": texts}, "/embeddings")
+        assert status == 200 and data["object"] == "list" and data["model"] == model
+        assert [d["index"] for d in data["data"]] == [0, 1] and all(d["object"] == "embedding" for d in data["data"])
+        for text, item in zip(texts, data["data"]):
+            vector = item["embedding"]
+            assert len(vector) == dims and math.isclose(sum(x * x for x in vector), 1.0, rel_tol=1e-5)
+            assert vector == expected_embedding(text, model)
+        assert data["usage"] == {"prompt_tokens": 6 + 5, "total_tokens": 11}  # ceil(22 / 4) + ceil(19 / 4)
+        assert headers["x-request-id"].startswith("req_")
+
+    full = expected_embedding("short vectors", "text-embedding-3-large")
+    status, data, _ = post(srv, {"model": "text-embedding-3-large", "input": "short vectors", "dimensions": 256},
+                           "/embeddings")
+    short = data["data"][0]["embedding"]
+    norm = math.sqrt(sum(x * x for x in full[:256]))
+    assert len(short) == 256 and all(math.isclose(a, b / norm, rel_tol=1e-4, abs_tol=1e-6) for a, b in zip(short, full))
+    assert short == expected_embedding("short vectors", "text-embedding-3-large", 256)
+
+    status, data, _ = post(srv, {"model": "mock-embed", "input": [[1, 2, 3], [4, 5]]}, "/embeddings")
+    assert status == 200 and data["usage"]["prompt_tokens"] == 5
+    assert data["data"][1]["embedding"] == expected_embedding([4, 5])
+    request = urllib.request.Request(srv.root_url + "/embeddings", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"model": "mock-embed", "input": [7, 8, 9]}).encode())
+    with _OPENER.open(request, timeout=30) as resp:  # the route without /v1 too
+        assert resp.status == 200 and len(json.loads(resp.read())["data"]) == 1
+
+
+def test_embeddings_base64_and_the_sdk(srv: ServerProcess) -> None:
+    status, data, _ = post(srv, {"model": "mock-embed", "input": "round trip", "encoding_format": "base64"},
+                           "/embeddings")
+    raw = base64.b64decode(data["data"][0]["embedding"])
+    assert status == 200 and len(raw) == 64 * 4
+    assert list(struct.unpack("<64f", raw)) == expected_embedding("round trip")
+
+    client = sdk(srv)
+    resp = client.embeddings.create(model="text-embedding-3-small", input=["a b c", "d e f"], dimensions=32)
+    assert [len(d.embedding) for d in resp.data] == [32, 32] and resp.usage.total_tokens == 4
+    assert all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(resp.data[0].embedding,
+                                                                expected_embedding("a b c", "text-embedding-3-small", 32)))
+    floats = client.embeddings.create(model="mock-embed", input="round trip", encoding_format="float")
+    assert floats.data[0].embedding == expected_embedding("round trip")
+    with pytest.raises(BadRequestError, match="does not support specifying dimensions"):
+        client.embeddings.create(model="text-embedding-ada-002", input="x", dimensions=8)
+    with pytest.raises(NotFoundError, match="not a chat model"):
+        client.chat.completions.create(model="text-embedding-3-small", messages=user("hi"))
+    with pytest.raises(BadRequestError, match="not an embedding model"):
+        client.embeddings.create(model="gpt-4o-mini", input="hi")
+    with pytest.raises(NotFoundError, match="does not exist"):
+        client.embeddings.create(model="text-embedding-9", input="hi")
+    client.close()
+
+
+def test_texts_sharing_words_are_close(srv: ServerProcess) -> None:
+    query = "late delivery of the parcel"
+    docs = ["late delivery of the parcel today", "the parcel was late", "delivery of furniture and chairs",
+            "great taste and fresh coffee"]  # 5, 3, 2 and 0 words shared
+    for model in ("mock-embed", "text-embedding-3-small"):
+        status, data, _ = post(srv, {"model": model, "input": [query, *docs]}, "/embeddings")
+        vectors = [d["embedding"] for d in data["data"]]
+        scores = [cosine(vectors[0], v) for v in vectors[1:]]
+        assert status == 200 and scores[0] > scores[1] > scores[2] > scores[3]
+        assert scores[0] > 0.6 and abs(scores[3]) < 0.3
+    assert cosine(expected_embedding("Same WORDS, other order!"), expected_embedding("other order same words")) > 0.999
+
+
+def test_embeddings_refusals(srv: ServerProcess) -> None:
+    def error(body: dict) -> tuple[int, dict]:
+        status, data, _ = post(srv, body, "/embeddings")
+        return status, data["error"]
+
+    status, err = error({"model": "mock-embed", "input": ["x"] * 2049})
+    assert status == 400 and "'$.input' is invalid" in err["message"]
+    assert error({"model": "mock-embed", "input": ""})[0] == 400
+    assert error({"model": "mock-embed", "input": ["ok", ""]})[0] == 400
+    assert error({"model": "mock-embed", "input": [1, "a"]})[0] == 400
+    assert error({"model": "mock-embed"})[1]["param"] == "input"
+    status, err = error({"model": "mock-embed", "input": "x" * (8192 * 4 + 1)})
+    assert status == 400 and "maximum context length is 8192 tokens" in err["message"] and "8193" in err["message"]
+    assert post(srv, {"model": "mock-embed", "input": "x" * (8192 * 4)}, "/embeddings")[0] == 200
+    status, err = error({"model": "mock-embed", "input": ["y" * (8192 * 4)] * 37})  # 303,104 tokens
+    assert status == 400 and err["code"] == "max_tokens_per_request" and "Requested 303104 tokens" in err["message"]
+    status, err = error({"model": "text-embedding-3-small", "input": "x", "dimensions": 1537})
+    assert status == 400 and err["param"] == "dimensions"
+    assert error({"model": "mock-embed", "input": "x", "encoding_format": "int8"})[1]["param"] == "encoding_format"
+    assert error({"model": "mock", "input": "x"})[1]["param"] == "model"
+    assert error({"model": "nope", "input": "x"})[0] == 404
+    assert {"mock-weak", "mock-strong", *EMBEDDING_DIMENSIONS} <= set(ServerConfig().models)
+
+
+def test_embeddings_share_limits_faults_and_stats(make_server: Any) -> None:
+    server = make_server(rpm=3, tpm=1000, burst_seconds=1)  # buckets hold 1 request... and 16 tokens
+    status, err, _ = post(server, {"model": "mock-embed", "input": "x" * 100}, "/embeddings")  # 25 tokens > 16
+    assert status == 429 and "Request too large" in err["error"]["message"]
+    status, data, headers = post(server, {"model": "mock-embed", "input": ["abcd", "efgh"]}, "/embeddings")
+    assert status == 200 and headers["x-ratelimit-limit-tokens"] == "1000"
+    assert int(headers["x-ratelimit-remaining-tokens"]) == 16 - 2
+    status, err, headers = post(server, {"model": "mock-embed", "input": "abcd"}, "/embeddings")
+    assert status == 429 and err["error"]["code"] == "rate_limit_exceeded" and "retry-after-ms" in headers
+    stats = server.stats()
+    assert stats["embedding_requests"] == 3 and stats["embedded_inputs"] == 4 and stats["embedding_tokens"] == 2
+    assert stats["rate_limited"] == 2 and stats["prompt_tokens"] == 0
+
+    faulty = make_server(p500=1.0)
+    status, err, _ = post(faulty, {"model": "mock-embed", "input": ["a", "b", "c"]}, "/embeddings")
+    assert status == 500 and err["error"]["type"] == "server_error"
+    assert faulty.stats()["embedded_inputs"] == 3 and faulty.stats()["faults"]["500"] == 1

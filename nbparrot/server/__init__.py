@@ -21,6 +21,8 @@ Structured answers decide their boolean and enum fields by documented rules
 (:mod:`.decisions`: :func:`expected_decision`, :func:`expected_label`,
 :func:`expected_labels`, :func:`expected_confidence`), with logprobs on request
 (:mod:`.logprobs`); ``mock-weak`` errs on ``<<hard>>`` rows, ``mock-strong`` never.
+``/v1/embeddings`` returns hashed bag-of-words vectors (:mod:`.embeddings`,
+:func:`expected_embedding`).
 
 Run it with ``python -m nbparrot.server --port 8000 --rpm 500 --p500 0.05``
 or, from Python, with :class:`ServerProcess` (a subprocess) or :func:`serve`.
@@ -30,7 +32,7 @@ constants), :mod:`.prompts` (tags, digests, token counts, filler),
 :mod:`.schema_faker` (JSON-schema instances), :mod:`.decisions` (booleans,
 labels, confidence), :mod:`.logprobs`, :mod:`.limits` (rate-limit buckets,
 faults, stats), :mod:`.wire` (errors and HTTP helpers), :mod:`.chat` (chat
-completions and streaming), :mod:`.files` and :mod:`.batches`,
+completions and streaming), :mod:`.embeddings`, :mod:`.files` and :mod:`.batches`,
 :mod:`.app` (the app, build_app, serve), :mod:`.cli` (flags, main) and
 :mod:`.process` (ServerProcess).
 """
@@ -49,8 +51,13 @@ from .config import (
     BATCH_WINDOW_SECONDS,
     DEFAULT_MAX_TOKENS_CHARGE,
     DEFAULT_MODELS,
+    EMBEDDING_DIMENSIONS,
+    EMBEDDING_MAX_INPUT_TOKENS,
+    EMBEDDING_MAX_INPUTS,
+    EMBEDDING_MAX_REQUEST_TOKENS,
     FILE_MAX_BYTES,
     FILE_PURPOSES,
+    FIXED_DIMENSION_MODELS,
     HARD_MARKER,
     HUGE_ANSWER_MARKER,
     HUGE_JUNK_MARKER,
@@ -79,7 +86,7 @@ from .decisions import (
     expected_label,
     expected_labels,
 )
-
+from .embeddings import expected_embedding
 from .process import ServerProcess
 from .prompts import expected_tag, format_duration, prompt_tag, prompt_tokens
 
@@ -93,6 +100,7 @@ __all__ = [
     "decision_text",
     "expected_confidence",
     "expected_decision",
+    "expected_embedding",
     "expected_label",
     "expected_labels",
     "expected_tag",

@@ -14,12 +14,13 @@ from aiohttp import web
 from .batches import _Batch, _BatchEndpoints
 from .chat import _ChatEndpoint
 from .config import ServerConfig, check_loopback
+from .embeddings import _EmbeddingsEndpoint
 from .files import _FileEndpoints, _StoredFile
 from .limits import _Bucket, _Gate, _Stats, _fault_bands
 from .prompts import _mask_key
 
 
-class _MockServer(_Gate, _ChatEndpoint, _FileEndpoints, _BatchEndpoints):
+class _MockServer(_Gate, _ChatEndpoint, _EmbeddingsEndpoint, _FileEndpoints, _BatchEndpoints):
     """State and handlers of one mock server app."""
 
     def __init__(self, config: ServerConfig) -> None:
@@ -120,6 +121,8 @@ def build_app(config: ServerConfig) -> web.Application:
     app[_STATE_KEY] = server
     app.router.add_post("/v1/chat/completions", server.chat)
     app.router.add_post("/chat/completions", server.chat)
+    app.router.add_post("/v1/embeddings", server.embeddings)
+    app.router.add_post("/embeddings", server.embeddings)
     app.router.add_get("/v1/models", server.list_models)
     app.router.add_get("/models", server.list_models)
     app.router.add_get("/stats", server.get_stats)

@@ -9,7 +9,8 @@ fallback instruction does, see :func:`.decisions.schema_in_words`); other ``json
 are ``{"tag", "echo", "choice", "text"}`` objects. In those instances booleans and enums follow the
 decision rules of :mod:`.decisions` (same for every choice). ``logprobs: true`` adds token logprobs
 (:mod:`.logprobs`), per token in streams too. Markers in the last user message (see :mod:`.config`)
-ask for broken, empty, refused or huge answers.
+ask for broken, empty, refused or huge answers. An embedding model here is OpenAI's 404 "This is not
+a chat model...".
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .config import (
     REFUSAL_MARKER,
 )
 from .decisions import _Decider, schema_in_words
+from .embeddings import is_embedding_model
 from .logprobs import Piece, answer_pieces, logprobs_object
 from .prompts import _digest, _filler, _prompt_parts
 from .schema_faker import _SchemaFaker
@@ -111,6 +113,9 @@ class _ChatEndpoint:
         if model not in self.models:
             raise _Reject(404, f"The model `{model}` does not exist or you do not have access to it.",
                           "invalid_request_error", "model_not_found")
+        if is_embedding_model(model):  # OpenAI's words for a model of another kind
+            raise _Reject(404, "This is not a chat model and thus not supported in the v1/chat/completions endpoint. "
+                          "Did you mean to use v1/completions?", "invalid_request_error", None, "model")
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             if messages is None:

@@ -1,10 +1,12 @@
 """The mock server's settings: :class:`ServerConfig`, the loopback check, markers and constants.
 
 Markers are strings a prompt can carry to ask for a particular behaviour (tests use them); the
-constants are the limits OpenAI documents for the Files and Batch APIs.
+constants are the limits OpenAI documents for the Files, Batch and Embeddings APIs.
 
 Models: every chat model follows the decision rules of :mod:`.decisions`; ``mock-weak`` errs on
-rows marked ``<<hard>>`` (a cheap model for cascades), ``mock-strong`` never does.
+rows marked ``<<hard>>`` (a cheap model for cascades), ``mock-strong`` never does. A served model
+whose name contains "embed" is an embedding model (:mod:`.embeddings`): ``/v1/embeddings`` only,
+with the dimensions of :data:`EMBEDDING_DIMENSIONS` (1536 for names not listed there).
 """
 
 from __future__ import annotations
@@ -25,10 +27,27 @@ DEFAULT_MODELS = (
     "mock",
     "mock-weak",
     "mock-strong",
+    "text-embedding-3-small",
+    "text-embedding-3-large",
+    "text-embedding-ada-002",
+    "mock-embed",
 )
 #: Chat models of the cascade: the weak one errs on <<hard>> rows (see decisions.py), the strong one never.
 WEAK_MODEL = "mock-weak"
 STRONG_MODEL = "mock-strong"
+#: Native dimensions of the embedding models (other served names containing "embed" have 1536).
+EMBEDDING_DIMENSIONS = {
+    "text-embedding-3-small": 1536,
+    "text-embedding-3-large": 3072,
+    "text-embedding-ada-002": 1536,
+    "mock-embed": 64,
+}
+#: Embedding models that refuse ``dimensions`` with a 400, as OpenAI's ada-002 does.
+FIXED_DIMENSION_MODELS = ("text-embedding-ada-002",)
+#: OpenAI's embeddings limits: inputs per request, tokens per input, tokens summed over a request.
+EMBEDDING_MAX_INPUTS = 2048
+EMBEDDING_MAX_INPUT_TOKENS = 8192
+EMBEDDING_MAX_REQUEST_TOKENS = 300_000
 #: Tokens a request without max_tokens is charged per choice by the limiter.
 DEFAULT_MAX_TOKENS_CHARGE = 4096
 #: Markers in the last user message that change the answer (used by tests).

@@ -81,6 +81,9 @@ class _Stats:
         self.files_uploaded = 0
         self.batches_created = 0
         self.batch_lines = 0  # lines of the batches whose input file was valid
+        self.embedding_requests = 0  # POST /v1/embeddings, valid or not
+        self.embedded_inputs = 0  # inputs of the embedding requests whose body was valid (before limits and faults)
+        self.embedding_tokens = 0  # tokens of the embedding requests answered
         self.started = time.time()
 
     def as_dict(self) -> dict:
@@ -104,6 +107,9 @@ class _Stats:
             "files_uploaded": self.files_uploaded,
             "batches_created": self.batches_created,
             "batch_lines": self.batch_lines,
+            "embedding_requests": self.embedding_requests,
+            "embedded_inputs": self.embedded_inputs,
+            "embedding_tokens": self.embedding_tokens,
             "huge_bytes_sent": self.huge_bytes_sent,
         }
 
