@@ -21,6 +21,7 @@ Only the key hash and the answer are stored: no API key, no header, no prompt te
 from __future__ import annotations
 
 import atexit
+import errno
 import hashlib
 import json
 import os
@@ -269,9 +270,9 @@ class Cache:
         conn = None
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # Create the file private before SQLite does; its -wal and -shm files copy this mode.
-            # Opening it read-write is also the check that we may write it.
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            _create_private(self.path)
+            if not os.access(self.path, os.R_OK | os.W_OK):  # SQLite would quietly open it read-only
+                raise PermissionError(errno.EACCES, "not readable and writable", str(self.path))
             conn = self._connect()
             version = _retrying(lambda: _create_schema(conn))
         except (OSError, sqlite3.Error) as exc:
@@ -429,6 +430,23 @@ def _create_schema(conn: sqlite3.Connection) -> str:
             conn.execute("ROLLBACK")
         raise
     return version
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file with mode 0o600 if it does not exist yet (its -wal and -shm files
+    copy that mode when SQLite makes them); an existing file is left alone, not even opened.
+
+    Never open and close a descriptor of an existing database file in a process that may hold
+    connections to it: closing any descriptor of a file drops all of the process's POSIX locks on
+    it, so another process closing its last connection would take this one for gone, checkpoint
+    and delete the WAL under it, and this process's later commits would be lost. A file made here
+    with O_EXCL is a new one, which no connection of this process can be holding.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
 
 
 def _retrying(action: Callable[[], T]) -> T:

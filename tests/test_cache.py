@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -431,3 +432,109 @@ def test_flushed_answers_survive_kill_9(tmp_path):
     assert found == {f"row-{i}": CachedAnswer(f"answer {i}", "stop", 1, 2, "m") for i in range(1000)}
     assert integrity(cache.path) == "ok"
     cache.close()
+
+
+# ---- processes sharing one cache directory ---------------------------------------------------
+
+SHARER = textwrap.dedent("""
+    import sys
+    from nbparrot.cache import Cache, CachedAnswer
+    cache = Cache(sys.argv[1])
+    cache.get_many([])  # the readers' connection is open before the writer thread opens its own
+    for line in sys.stdin:  # one line per step: "<tag> <count>" writes, commits and answers "ok"
+        tag, count = line.split()
+        for i in range(int(count)):
+            cache.put(f"{tag}-{i}", CachedAnswer(f"answer {tag} {i}", "stop", 1, 2, tag))
+        cache.flush()
+        print("ok", flush=True)
+    cache.close()
+""")
+
+
+def _step(proc: subprocess.Popen, line: str) -> None:
+    proc.stdin.write(line + "\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline().strip() == "ok"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX advisory locks")
+def test_a_process_closing_the_cache_never_discards_another_process_answers(tmp_path):
+    # One process keeps its connections open and writes, while others open the same file, write
+    # and close. A process that dropped its own file locks (any descriptor on the file closed while
+    # it has connections) looks absent to them: the last one to close would checkpoint and delete
+    # the WAL under it, and its later commits would go to a deleted file.
+    long_lived = _python(SHARER, tmp_path)
+    procs = [long_lived]
+    try:
+        for round_ in range(3):
+            _step(long_lived, f"long{round_}a 20")
+            short = _python(SHARER, tmp_path)
+            procs.append(short)
+            _step(short, f"short{round_} 50")
+            short.stdin.close()
+            assert short.wait(30) == 0
+            _step(long_lived, f"long{round_}b 20")
+        long_lived.stdin.close()
+        assert long_lived.wait(30) == 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    path = tmp_path / "answers.sqlite3"
+    assert integrity(path) == "ok"
+    assert rows_in_file(path) == 3 * (20 + 50 + 20)
+
+
+MAPPER = textwrap.dedent("""
+    import sys
+    import nbparrot
+    base_url, cache_dir, tag, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    rows = [{"text": f"{tag} {i}"} for i in range(count)]
+    nbparrot.map(rows, "Say {text}", base_url=base_url, api_key="sk-test", concurrency=4, cache_dir=cache_dir,
+                 progress=False).result()
+""")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX advisory locks")
+def test_runs_sharing_a_cache_dir_keep_every_answer_and_a_rerun_sends_nothing(make_server, tmp_path):
+    import nbparrot
+
+    server = make_server(latency_ms=20)
+    counts = {}
+
+    def start(tag: str, count: int) -> subprocess.Popen:
+        counts[tag] = count
+        return subprocess.Popen([sys.executable, "-c", MAPPER, server.base_url, str(tmp_path), tag, str(count)],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    procs = []
+    try:
+        long_run = start("long", 1000)  # about 5 s of answers at 4 in flight
+        procs.append(long_run)
+        deadline = time.monotonic() + 60
+        while sum(server.stats()["answered"].values()) < 20:  # it has opened the cache and is writing answers
+            assert time.monotonic() < deadline and long_run.poll() is None, "the long run did not get going"
+            time.sleep(0.02)
+        for short in ("a", "b", "c"):  # one after the other, each exiting while the long run writes
+            proc = start(short, 50)
+            procs.append(proc)
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err
+        assert long_run.poll() is None, "the long run ended before the short ones: make it longer"
+        _, err = long_run.communicate(timeout=120)
+        assert long_run.returncode == 0, err
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    path = tmp_path / "answers.sqlite3"
+    assert integrity(path) == "ok"
+    assert rows_in_file(path) == sum(counts.values())
+    server.reset()
+    rows = [{"text": f"{tag} {i}"} for tag, count in counts.items() for i in range(count)]
+    run = nbparrot.map(rows, "Say {text}", base_url=server.base_url, api_key="sk-test", cache_dir=tmp_path,
+                       progress=False)
+    run.result()
+    assert server.stats()["requests"] == 0 and run.progress.cached == len(rows)
