@@ -538,3 +538,53 @@ def test_runs_sharing_a_cache_dir_keep_every_answer_and_a_rerun_sends_nothing(ma
                        progress=False)
     run.result()
     assert server.stats()["requests"] == 0 and run.progress.cached == len(rows)
+
+
+# ---- how soon an answer is on disk ----------------------------------------------------------------
+
+def test_an_answer_reaches_the_file_without_a_flush(cache):
+    cache.get_many([])  # the file exists
+    other = sqlite3.connect(cache.path)  # another process's view: only committed rows
+    try:
+        for i in range(3):  # each time the writer is idle, so each answer is committed on its own
+            cache.put(f"k{i}", answer(i))
+            deadline = time.monotonic() + 10
+            while other.execute("SELECT COUNT(*) FROM answers WHERE key = ?", (f"k{i}",)).fetchone()[0] == 0:
+                assert time.monotonic() < deadline, f"answer {i} was not committed"
+                time.sleep(0.005)
+    finally:
+        other.close()
+
+
+KILLED_RUN = textwrap.dedent("""
+    import sys
+    import nbparrot
+    base_url, cache_dir, concurrency = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    rows = [{"text": f"row {i}"} for i in range(300)]
+    nbparrot.map(rows, "Say {text}", base_url=base_url, api_key="sk-test", concurrency=concurrency,
+                 cache_dir=cache_dir, progress=False).result()
+""")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no SIGKILL")
+def test_after_kill_9_a_rerun_resends_at_most_the_requests_in_flight(make_server, tmp_path, interrupt_after_answers):
+    import nbparrot
+
+    concurrency = 8
+    server = make_server(latency_ms=50)  # 160 answers a second: 50 ms of gathering would hold about 8
+    argv = [sys.executable, "-c", KILLED_RUN, server.base_url, str(tmp_path), str(concurrency)]
+    proc, _, err = interrupt_after_answers(argv, server, 100, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, err
+    sent_before = set(server.stats()["received"])
+    assert 100 <= len(sent_before) < 300
+    server.reset()
+    run = nbparrot.map([{"text": f"row {i}"} for i in range(300)], "Say {text}", base_url=server.base_url,
+                       api_key="sk-test", concurrency=concurrency, cache_dir=tmp_path, progress=False)
+    run.result()
+    assert run.progress.done == 300
+    sent_again = sent_before & set(server.stats()["received"])
+    # A row holds its slot until its answer is handed to the cache, so at most `concurrency` rows had
+    # been sent and not handed over at the kill. The answers arrive in waves of `concurrency`, 50 ms
+    # apart: gathering answers for 50 ms before a commit lost the previous wave too (16 here), while
+    # an answer committed as it lands leaves at most the last few of a wave still being written.
+    assert len(sent_again) <= concurrency + concurrency // 2
