@@ -9,11 +9,18 @@ and editing the template for some rows resends only those.
 
 Storage is one SQLite file (``<dir>/answers.sqlite3``, standard library only) in WAL mode
 with ``synchronous=NORMAL`` and a busy timeout, so several kernels can read and write it at
-once; a lock held by another writer is waited out and retried, never raised. ``put`` costs
-the caller (the notebook's event-loop thread) only a queue append: a background writer
-thread lets answers gather for 50 ms, then commits them in groups of up to 500 rows, so an
-answer is on disk (safe from a killed process, though not from a power cut) within about
-50 ms of landing, at one commit and one thread wake-up per burst rather than per answer.
+once; a lock held by another writer is waited out and retried, never raised. Nothing but
+SQLite opens the file once it exists: closing any descriptor of it would drop this process's
+locks, and another process closing its last connection could then delete the WAL under ours.
+
+``put`` costs the caller (the notebook's event-loop thread) only a queue append, which wakes
+the background writer thread if it is waiting. The writer commits whatever is queued at once,
+in groups of up to 500 rows, with no timed wait: an answer that finds it idle is committed on
+its own (a fraction of a millisecond later on an idle machine), and answers that land while a
+commit runs queue up and go together in the next one, so the groups grow with the load by
+themselves. A committed answer is safe from a killed process, ``kill -9`` included (though not
+from a power cut), so a rerun after a kill resends the requests that were in flight and at most
+the few answers the writer had not yet committed.
 
 Only the key hash and the answer are stored: no API key, no header, no prompt text.
 """
@@ -21,6 +28,7 @@ Only the key hash and the answer are stored: no API key, no header, no prompt te
 from __future__ import annotations
 
 import atexit
+import errno
 import hashlib
 import json
 import os
@@ -66,7 +74,6 @@ _INSERT = ("INSERT OR REPLACE INTO answers (key, model, content, finish_reason, 
 _SELECT_ALL = "SELECT key, model, content, finish_reason, prompt_tokens, completion_tokens FROM answers"
 _SELECT = _SELECT_ALL + " WHERE key IN ({})"
 _COUNT = "SELECT COUNT(*) FROM answers"
-_GATHER_SECONDS = 0.05  # how long the writer lets answers gather before a commit
 _STOP = object()  # queued by close(): the writer exits once everything before it is written
 
 T = TypeVar("T")
@@ -269,9 +276,9 @@ class Cache:
         conn = None
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # Create the file private before SQLite does; its -wal and -shm files copy this mode.
-            # Opening it read-write is also the check that we may write it.
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            _create_private(self.path)
+            if not os.access(self.path, os.R_OK | os.W_OK):  # SQLite would quietly open it read-only
+                raise PermissionError(errno.EACCES, "not readable and writable", str(self.path))
             conn = self._connect()
             version = _retrying(lambda: _create_schema(conn))
         except (OSError, sqlite3.Error) as exc:
@@ -303,10 +310,14 @@ class Cache:
                 _open_caches.add(self)
 
     def _write_loop(self) -> None:
-        """Take whatever is queued (up to 500 rows), commit it, wake the flushes waiting on it."""
+        """Take whatever is queued (up to 500 rows), commit it, wake the flushes waiting on it.
+
+        No timed wait: an answer that finds this thread idle is committed at once, and answers
+        that land while a commit runs queue up and go together in the next one, so the groups
+        grow with the load by themselves.
+        """
         queue = self._queue
         conn: sqlite3.Connection | None = None
-        backlog = False
         try:
             while True:
                 try:
@@ -315,10 +326,6 @@ class Cache:
                     if self._retire():
                         return
                     continue
-                if not backlog and item is not _STOP and not isinstance(item, threading.Event):
-                    # Gather a burst: while this thread sleeps, puts are plain appends that wake nobody,
-                    # so a busy run costs one commit (and one wake-up) per interval, not per answer.
-                    time.sleep(_GATHER_SECONDS)
                 rows, flushed, stop = [], [], False
                 while True:
                     if item is _STOP:
@@ -333,7 +340,6 @@ class Cache:
                         item = queue.get_nowait()
                     except Empty:
                         break
-                backlog = len(rows) >= _BATCH_ROWS  # more is waiting: the next commit need not wait
                 if rows:
                     conn = self._write(conn, rows)
                 for event in flushed:
@@ -429,6 +435,23 @@ def _create_schema(conn: sqlite3.Connection) -> str:
             conn.execute("ROLLBACK")
         raise
     return version
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file with mode 0o600 if it does not exist yet (its -wal and -shm files
+    copy that mode when SQLite makes them); an existing file is left alone, not even opened.
+
+    Never open and close a descriptor of an existing database file in a process that may hold
+    connections to it: closing any descriptor of a file drops all of the process's POSIX locks on
+    it, so another process closing its last connection would take this one for gone, checkpoint
+    and delete the WAL under it, and this process's later commits would be lost. A file made here
+    with O_EXCL is a new one, which no connection of this process can be holding.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
 
 
 def _retrying(action: Callable[[], T]) -> T:

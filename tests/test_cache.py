@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -431,3 +432,159 @@ def test_flushed_answers_survive_kill_9(tmp_path):
     assert found == {f"row-{i}": CachedAnswer(f"answer {i}", "stop", 1, 2, "m") for i in range(1000)}
     assert integrity(cache.path) == "ok"
     cache.close()
+
+
+# ---- processes sharing one cache directory ---------------------------------------------------
+
+SHARER = textwrap.dedent("""
+    import sys
+    from nbparrot.cache import Cache, CachedAnswer
+    cache = Cache(sys.argv[1])
+    cache.get_many([])  # the readers' connection is open before the writer thread opens its own
+    for line in sys.stdin:  # one line per step: "<tag> <count>" writes, commits and answers "ok"
+        tag, count = line.split()
+        for i in range(int(count)):
+            cache.put(f"{tag}-{i}", CachedAnswer(f"answer {tag} {i}", "stop", 1, 2, tag))
+        cache.flush()
+        print("ok", flush=True)
+    cache.close()
+""")
+
+
+def _step(proc: subprocess.Popen, line: str) -> None:
+    proc.stdin.write(line + "\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline().strip() == "ok"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX advisory locks")
+def test_a_process_closing_the_cache_never_discards_another_process_answers(tmp_path):
+    # One process keeps its connections open and writes, while others open the same file, write
+    # and close. A process that dropped its own file locks (any descriptor on the file closed while
+    # it has connections) looks absent to them: the last one to close would checkpoint and delete
+    # the WAL under it, and its later commits would go to a deleted file.
+    long_lived = _python(SHARER, tmp_path)
+    procs = [long_lived]
+    try:
+        for round_ in range(3):
+            _step(long_lived, f"long{round_}a 20")
+            short = _python(SHARER, tmp_path)
+            procs.append(short)
+            _step(short, f"short{round_} 50")
+            short.stdin.close()
+            assert short.wait(30) == 0
+            _step(long_lived, f"long{round_}b 20")
+        long_lived.stdin.close()
+        assert long_lived.wait(30) == 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    path = tmp_path / "answers.sqlite3"
+    assert integrity(path) == "ok"
+    assert rows_in_file(path) == 3 * (20 + 50 + 20)
+
+
+MAPPER = textwrap.dedent("""
+    import sys
+    import nbparrot
+    base_url, cache_dir, tag, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    rows = [{"text": f"{tag} {i}"} for i in range(count)]
+    nbparrot.map(rows, "Say {text}", base_url=base_url, api_key="sk-test", concurrency=4, cache_dir=cache_dir,
+                 progress=False).result()
+""")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX advisory locks")
+def test_runs_sharing_a_cache_dir_keep_every_answer_and_a_rerun_sends_nothing(make_server, tmp_path):
+    import nbparrot
+
+    server = make_server(latency_ms=20)
+    counts = {}
+
+    def start(tag: str, count: int) -> subprocess.Popen:
+        counts[tag] = count
+        return subprocess.Popen([sys.executable, "-c", MAPPER, server.base_url, str(tmp_path), tag, str(count)],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    procs = []
+    try:
+        long_run = start("long", 1000)  # about 5 s of answers at 4 in flight
+        procs.append(long_run)
+        deadline = time.monotonic() + 60
+        while sum(server.stats()["answered"].values()) < 20:  # it has opened the cache and is writing answers
+            assert time.monotonic() < deadline and long_run.poll() is None, "the long run did not get going"
+            time.sleep(0.02)
+        for short in ("a", "b", "c"):  # one after the other, each exiting while the long run writes
+            proc = start(short, 50)
+            procs.append(proc)
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err
+        assert long_run.poll() is None, "the long run ended before the short ones: make it longer"
+        _, err = long_run.communicate(timeout=120)
+        assert long_run.returncode == 0, err
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    path = tmp_path / "answers.sqlite3"
+    assert integrity(path) == "ok"
+    assert rows_in_file(path) == sum(counts.values())
+    server.reset()
+    rows = [{"text": f"{tag} {i}"} for tag, count in counts.items() for i in range(count)]
+    run = nbparrot.map(rows, "Say {text}", base_url=server.base_url, api_key="sk-test", cache_dir=tmp_path,
+                       progress=False)
+    run.result()
+    assert server.stats()["requests"] == 0 and run.progress.cached == len(rows)
+
+
+# ---- how soon an answer is on disk ----------------------------------------------------------------
+
+def test_an_answer_reaches_the_file_without_a_flush(cache):
+    cache.get_many([])  # the file exists
+    other = sqlite3.connect(cache.path)  # another process's view: only committed rows
+    try:
+        for i in range(3):  # each time the writer is idle, so each answer is committed on its own
+            cache.put(f"k{i}", answer(i))
+            deadline = time.monotonic() + 10
+            while other.execute("SELECT COUNT(*) FROM answers WHERE key = ?", (f"k{i}",)).fetchone()[0] == 0:
+                assert time.monotonic() < deadline, f"answer {i} was not committed"
+                time.sleep(0.005)
+    finally:
+        other.close()
+
+
+KILLED_RUN = textwrap.dedent("""
+    import sys
+    import nbparrot
+    base_url, cache_dir, concurrency = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    rows = [{"text": f"row {i}"} for i in range(300)]
+    nbparrot.map(rows, "Say {text}", base_url=base_url, api_key="sk-test", concurrency=concurrency,
+                 cache_dir=cache_dir, progress=False).result()
+""")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no SIGKILL")
+def test_after_kill_9_a_rerun_resends_at_most_the_requests_in_flight(make_server, tmp_path, interrupt_after_answers):
+    import nbparrot
+
+    concurrency = 8
+    server = make_server(latency_ms=50)  # 160 answers a second: 50 ms of gathering would hold about 8
+    argv = [sys.executable, "-c", KILLED_RUN, server.base_url, str(tmp_path), str(concurrency)]
+    proc, _, err = interrupt_after_answers(argv, server, 100, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, err
+    sent_before = set(server.stats()["received"])
+    assert 100 <= len(sent_before) < 300
+    server.reset()
+    run = nbparrot.map([{"text": f"row {i}"} for i in range(300)], "Say {text}", base_url=server.base_url,
+                       api_key="sk-test", concurrency=concurrency, cache_dir=tmp_path, progress=False)
+    run.result()
+    assert run.progress.done == 300
+    sent_again = sent_before & set(server.stats()["received"])
+    # A row holds its slot until its answer is handed to the cache, so at most `concurrency` rows had
+    # been sent and not handed over at the kill. The answers arrive in waves of `concurrency`, 50 ms
+    # apart: gathering answers for 50 ms before a commit lost the previous wave too (16 here), while
+    # an answer committed as it lands leaves at most the last few of a wave still being written.
+    assert len(sent_again) <= concurrency + concurrency // 2
