@@ -160,7 +160,13 @@ class ColumnSink:
     def begin(self) -> None:
         """Set up the column once the run is sure to start: rows already answered (from the
         cache) filled in, the others NA; then follow the answers as they land."""
-        self.frame[self.column] = _objects([_answer_of(self.run, o) for o in self.run.outcomes])
+        import numpy as np
+
+        outcomes = self.run.outcomes
+        values = np.empty(len(outcomes), dtype=object)  # all None
+        for k in outcomes.rows_with(OK):  # from the cache, when planning settled them before the start
+            values[k] = _answer_of(self.run, outcomes[k])
+        self.frame[self.column] = values
         self.run.progress.subscribe(self._on_event)
 
     def _on_event(self, event: str, row: int) -> None:
