@@ -22,7 +22,6 @@ from .structured import Schema
 __all__ = ["map", "open_cache"]
 
 CACHE_MODES = ("use", "refresh", "off")
-PLAN_NOW_SECONDS = 0.005  # inside a running loop map() plans one slice itself (a small batch: all of it); the run does the rest
 _caches: dict[Path, Cache] = {}
 
 
@@ -82,9 +81,10 @@ def map(  # noqa: A001 - the name users expect, as in pandas' Series.map
     ``data`` is a DataFrame or a list of dicts; ``{field}`` names in the template come from
     its columns or keys. Returns a ``Run``: in a notebook it is already going (``await`` it);
     in a script it has finished. In a notebook the call returns within a few tens of
-    milliseconds at any size: a small batch is planned (cache lookups, cost estimate) before it
-    returns, a larger one goes on planning on the loop while the panel says "preparing", and
-    ``run.estimate`` is None until then. ``run.result()`` gives the answers in the input's shape and
+    milliseconds at any size, after the cheap checks (fields against columns, arguments): the
+    planning (each row rendered, cache lookups, the cost estimate) goes on on the loop while the
+    panel says "preparing", and ``run.estimate`` is None until then. Nothing is sent before it
+    is done. ``run.result()`` gives the answers in the input's shape and
     ``run.errors`` the rows without one. ``params`` adds any other body field (``top_p``,
     ``seed``, ``stop``...); ``rpm``/``tpm`` fix the limits instead of learning them from the
     endpoint's headers; ``backoff`` is the base in seconds of the retry backoff.
@@ -159,9 +159,9 @@ def map(  # noqa: A001 - the name users expect, as in pandas' Series.map
     engine = kind(endpoint, body, prepared, settings,
                   schema=parsed_schema, cache=None if cache_mode == "off" else open_cache(cache_dir),
                   refresh=cache_mode == "refresh", **extra)
-    # Cache lookups and the cost estimate, before any request: all of it here in a script or a
-    # batch; inside a running loop only what fits in a few milliseconds, the run does the rest.
-    estimate = engine.plan(None if mode == "batch" or not _loop_running() else PLAN_NOW_SECONDS)
+    # Cache lookups and the cost estimate, before any request: here in a script or a batch; inside
+    # a running loop (a notebook) the run does it on the loop, in slices, before it sends anything.
+    estimate = engine.plan() if mode == "batch" or not _loop_running() else None
     if mode == "batch" and max_cost is not None and (estimate.max_cost or 0) > max_cost:
         raise ConfigError(f"a batch cannot be stopped half-way, and this one could cost up to "
                           f"{format_usd(estimate.max_cost)}, above max_cost={format_usd(max_cost)}")

@@ -119,6 +119,8 @@ class Run:
         _live[self.id] = self
         self._task = loop.create_task(self._main())
         self._task.add_done_callback(self._finalize)
+        if not self.engine.planned and self.progress.note is None:
+            self.progress.note = "preparing"  # the planning's own note, with counts, follows from its first slice
         self.view.started()
 
     def _run_here(self) -> None:
