@@ -2,8 +2,8 @@
 
 ``Outcomes`` holds what happened to every request of a run in flat columns: the status, attempt
 and token counts, latency and the cached flag in ``bytearray`` / ``array`` columns, and the
-answers, parsed values and error texts in dicts keyed by row, which hold only the rows that have
-one. None of these is a container the cyclic garbage collector has to walk item by item (a dict
+answers, parsed values and error texts in dicts keyed by row (one per chunk of rows), which
+hold only the rows that have one. None of these is a container the cyclic garbage collector has to walk item by item (a dict
 of ``int -> str`` is not even tracked), so a full collection during a 1,000,000-row run costs what
 it would cost without the run, instead of a pass over a million ``Outcome`` objects (about
 250 ms measured on the 2-core bench machine: a stall of the whole notebook).
@@ -60,12 +60,55 @@ class Chunked:
         self.chunks = [None] * len(self.chunks)
 
 
+class Sparse:
+    """Values of some rows, in one dict per chunk of rows: a dict of ``int -> str`` is not tracked by
+    the garbage collector at all, and a chunk's dict never grows past CHUNK entries, so adding a
+    row never rehashes a million entries at once (a resize of one big dict at 700,000 rows would)."""
+
+    __slots__ = ("chunks",)
+
+    def __init__(self, n: int):
+        self.chunks: list[dict[int, Any] | None] = [None] * ((n + MASK) >> SHIFT)
+
+    def get(self, row: int) -> Any:
+        chunk = self.chunks[row >> SHIFT]
+        return None if chunk is None else chunk.get(row)
+
+    def set(self, row: int, value: Any) -> None:
+        """Store ``value`` for ``row`` (None removes it)."""
+        chunk = self.chunks[row >> SHIFT]
+        if value is None:
+            if chunk is not None:
+                chunk.pop(row, None)
+        elif chunk is None:
+            self.chunks[row >> SHIFT] = {row: value}
+        else:
+            chunk[row] = value
+
+    def fill(self, rows: list[int], value: Any) -> None:
+        """The same ``value`` for every row of ``rows`` (sorted), a chunk at a time."""
+        from bisect import bisect_left
+
+        start = 0
+        while start < len(rows):
+            number = rows[start] >> SHIFT
+            stop = bisect_left(rows, (number + 1) << SHIFT, start)
+            chunk = self.chunks[number]
+            if chunk is None:
+                chunk = self.chunks[number] = {}
+            chunk.update(dict.fromkeys(rows[start:stop], value))
+            start = stop
+
+    def __len__(self) -> int:
+        return sum(len(chunk) for chunk in self.chunks if chunk)
+
+
 class Outcomes:
     """The outcomes of ``n`` requests, in input order (see the module docstring)."""
 
     __slots__ = ("status", "attempts", "prompt_tokens", "completion_tokens", "latency", "cached",
-                 "content", "parsed", "error", "finish", "finish_values", "finish_codes", "finish_other",
-                 "tokens_other")
+                 "content", "parsed", "error", "status_error", "finish", "finish_values", "finish_codes",
+                 "finish_other", "tokens_other")
 
     def __init__(self, n: int):
         self.status = bytearray(n)  # codes of _NAMES; 0 = pending
@@ -74,9 +117,10 @@ class Outcomes:
         self.completion_tokens = Chunked("q", n)
         self.latency = Chunked("d", n, _NAN)
         self.cached = bytearray(n)
-        self.content: dict[int, Any] = {}  # only rows with an answer (kept, too, when a schema rejects it)
-        self.parsed: dict[int, Any] = {}
-        self.error: dict[int, str] = {}
+        self.content = Sparse(n)  # only rows with an answer (kept, too, when a schema rejects it)
+        self.parsed = Sparse(n)
+        self.error = Sparse(n)
+        self.status_error: dict[int, str] = {}  # status code -> the error of its rows that have none of their own
         self.finish = bytearray(n)  # index into finish_values; 0 = None
         self.finish_values: list[Any] = [None]
         self.finish_codes: dict[Any, int] = {}
@@ -115,14 +159,28 @@ class Outcomes:
         return np.flatnonzero(mask).tolist()
 
     def settle_pending(self, status: str, error: str) -> int:
-        """Give every pending row ``status`` and ``error`` at once; returns how many there were."""
-        rows = self.rows_with(PENDING)
-        if rows:
-            import numpy as np
+        """Give every pending row ``status`` and ``error`` at once; returns how many there were.
 
-            np.frombuffer(self.status, dtype=np.uint8)[rows] = _CODES[status]
-            self.error.update(dict.fromkeys(rows, error))
-        return len(rows)
+        The error is kept once for the status (``status_error``) while every row given that status
+        had the same one, instead of once per row: cancelling a million rows stays cheap."""
+        import numpy as np
+
+        codes = np.frombuffer(self.status, dtype=np.uint8)
+        code = _CODES[status]
+        pending = codes == _CODES[PENDING]
+        count = int(np.count_nonzero(pending))
+        if not count:
+            return 0
+        shared = self.status_error.get(code)
+        if shared is None and not self.status.count(code):
+            self.status_error[code] = shared = error
+        if shared == error:
+            codes[pending] = code
+        else:  # rows of that status already carry another reason: these get their own
+            rows = np.flatnonzero(pending).tolist()
+            codes[pending] = code
+            self.error.fill(rows, error)
+        return count
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{name} {self.status.count(code)}" for code, name in enumerate(_NAMES)
@@ -164,13 +222,15 @@ def _number(column: str, fallback: bool = False) -> property:
 
 def _sparse(column: str) -> property:
     def get(self: "Outcome") -> Any:
-        return getattr(self._s, column).get(self._r)
+        store, row = self._s, self._r
+        chunk = getattr(store, column).chunks[row >> SHIFT]
+        value = None if chunk is None else chunk.get(row)
+        if value is None and column == "error" and store.status_error:
+            value = store.status_error.get(store.status[row])
+        return value
 
     def set(self: "Outcome", value: Any) -> None:
-        if value is None:
-            getattr(self._s, column).pop(self._r, None)
-        else:
-            getattr(self._s, column)[self._r] = value
+        getattr(self._s, column).set(self._r, value)
 
     return property(get, set)
 

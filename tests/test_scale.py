@@ -189,7 +189,7 @@ def test_per_row_state_gives_the_garbage_collector_nothing_to_walk(make_server):
     api.open_cache().flush()
     gc.collect()
     assert len(gc.get_objects()) - before < 1500  # 5,000 Outcome objects (or message lists) would show here
-    assert not gc.is_tracked(run.outcomes.content)  # a dict of int -> str
+    assert not any(gc.is_tracked(chunk) for chunk in run.outcomes.content.chunks)  # dicts of int -> str
     outcome = run.outcomes[4999]
     assert outcome.status == OK and outcome.attempts == 1 and outcome.finish_reason == "stop"
     assert outcome.prompt_tokens > 0 and outcome.latency > 0 and not outcome.cached
