@@ -144,6 +144,11 @@ class Outcomes:
         for k in range(len(self.status)):
             yield Outcome(self, k)
 
+    @staticmethod
+    def code(status: str) -> int:
+        """The byte that stands for ``status`` in the ``status`` column."""
+        return _CODES[status]
+
     def count_status(self, status: str) -> int:
         """How many rows have ``status``."""
         return self.status.count(_CODES[status])

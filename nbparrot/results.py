@@ -58,6 +58,20 @@ def _answer_of(run: "Run", outcome: Any) -> Any:
     return outcome.parsed if run.engine.schema is not None else outcome.content
 
 
+def _answers(run: "Run") -> list:
+    """Every request's answer (None where there is none), read from the outcome columns at once."""
+    outcomes = run.outcomes
+    column = outcomes.parsed if run.engine.schema is not None else outcomes.content
+    status, answered = outcomes.status, outcomes.code(OK)
+    values: list = [None] * len(outcomes)
+    for chunk in column.chunks:
+        if chunk:
+            for k, value in chunk.items():
+                if status[k] == answered:
+                    values[k] = value
+    return values
+
+
 def shape(run: "Run", layout: Shape) -> Any:
     """Lay the run's outcomes out as ``layout`` says (see the module docstring)."""
     prepared, schema, n = run.prepared, run.engine.schema, run.engine._n
@@ -69,8 +83,12 @@ def shape(run: "Run", layout: Shape) -> Any:
     choice_of: list[int | None] = []
     item_of: list[int | None] = []
     values: list[Any] = []
-    for k, outcome in enumerate(run.outcomes):
-        value = _answer_of(run, outcome)
+    answers = _answers(run)
+    if n == 1 and not layout.explode:  # one output row per request: no per-row loop
+        values, out_requests = answers, list(range(len(answers)))
+        out_rows = out_requests if prepared.variants == 1 else [prepared.row_of(k) for k in out_requests]
+        answers = []
+    for k, value in enumerate(answers):
         choices: list[tuple[int | None, Any]]
         if n > 1 and value is not None:
             kept, positions = _dedupe(value) if layout.dedupe else (value, list(range(len(value))))
