@@ -235,11 +235,15 @@ def worker_throughput(ns: argparse.Namespace) -> dict:
                    engine_wall_s=(p.finished - p.started) if p.finished and p.started else None)
         errors = [o.error for o in run.outcomes if o.status != "ok"]
         out["first_errors"] = sorted(set(e for e in errors if e))[:5]
-        # the rendering share of map(): prepare() alone, timed the same way, after the run
+        # the rendering share of map(): prepare() alone, timed the same way, after the run (prepare
+        # renders rows on demand since the scale work: then render every row, as planning does once)
         prepare = _find_prepare()
         if prepare is not None:
             c0, _ = _rusage()
-            prepare(rows, TP_TEMPLATE, system=TP_SYSTEM)
+            prepared = prepare(rows, TP_TEMPLATE, system=TP_SYSTEM)
+            if hasattr(prepared, "render"):
+                for k in range(len(prepared)):
+                    prepared.render(k)
             c1, _ = _rusage()
             out["prepare_cpu_us_per_row"] = (c1 - c0) / ns.n * 1e6
     else:

@@ -1,9 +1,16 @@
 """The batch engine: send every row's request once, paced, retried, and accounted for.
 
-In: the shared request parameters and one message list per row (``None`` for a row that is
-skipped). Out: exactly one ``Outcome`` per row, in input order — answered, failed (with the
-reason and the number of attempts) or cancelled — and live counters in ``Progress`` that a
-panel or progress line reads.
+In: the shared request parameters and the rows' requests: a ``Prepared`` that renders request
+``k``'s messages on demand (or a plain list of message lists, ``None`` for a skipped row). Out:
+exactly one outcome per row, in input order — answered, failed (with the reason and the number
+of attempts), skipped or cancelled — in ``Outcomes`` (column-wise, see ``nbparrot.outcomes``),
+and live counters in ``Progress`` that a panel or progress line reads.
+
+Planning comes first (``plan`` synchronously, or ``prepare`` on the loop in slices of a few
+milliseconds while the panel says "preparing"): each row is rendered once to settle it as
+skipped, failed (a value that cannot be rendered) or cached, and to key and cost it; the
+rendered messages are then dropped. Per row the engine keeps only compact columns: the packed
+cache key, the token budget, the outcome. A row is rendered again when it is sent.
 
 How it schedules: a single dispatcher coroutine takes rows from the head of a queue, asks
 the ``Pacer`` how long the next one must wait for the RPM/TPM budget, and starts one task
@@ -19,6 +26,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
+from array import array
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -36,6 +45,8 @@ from .errors import (
     error_fields,
     fatal_error,
 )
+from .outcomes import CANCELLED, CHUNK, FAILED, MASK, OK, PENDING, SHIFT, SKIPPED, Chunked, Outcome, Outcomes
+from .prepare import RenderError
 from .pricing import Estimate, cost_of, estimate, price_of
 from .ratelimit import Pacer, retry_after_seconds
 from .structured import Schema
@@ -44,33 +55,10 @@ from .transport import TRANSIENT_ERRORS, ResponseTooLargeError, Transport
 
 __all__ = ["Engine", "EngineSettings", "Outcome", "Progress", "PENDING", "OK", "FAILED", "CANCELLED", "SKIPPED"]
 
-PENDING, OK, FAILED, CANCELLED, SKIPPED = "pending", "ok", "failed", "cancelled", "skipped"
-
 _RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 PAUSE_SHOWN = 2.0  # seconds: a dispatch pause at least this long is shown, with its reason, in the views
-
-
-class Outcome:
-    """What happened to one row: its answer or its error, and what it cost."""
-
-    __slots__ = ("status", "content", "parsed", "finish_reason", "error", "attempts",
-                 "prompt_tokens", "completion_tokens", "latency", "cached")
-
-    def __init__(self) -> None:
-        self.status = PENDING
-        self.content: Any = None  # the answer text (a list of texts when n > 1); kept when a schema rejects it
-        self.parsed: Any = None  # the validated value(s), when a schema was given
-        self.finish_reason: Any = None
-        self.error: str | None = None
-        self.attempts = 0
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.latency: float | None = None
-        self.cached = False
-
-    def __repr__(self) -> str:
-        detail = repr(self.content)[:60] if self.status == OK else self.error
-        return f"<Outcome {self.status} attempts={self.attempts} {detail}>"
+PLAN_SLICE = 0.008  # seconds of planning between two yields to the loop
+LOOKUP_KEYS = 400  # keys per Cache.get_many call while planning
 
 
 class Progress:
@@ -141,7 +129,7 @@ class Engine:
         self,
         endpoint: Endpoint,
         params: Mapping[str, Any],
-        prompts: Sequence[list | None],
+        prompts: Any,
         settings: EngineSettings | None = None,
         *,
         progress: Progress | None = None,
@@ -153,9 +141,11 @@ class Engine:
         self.endpoint = endpoint
         self.settings = settings or EngineSettings()
         self.params = dict(params)
-        self.prompts = prompts
-        self.outcomes = [Outcome() for _ in range(len(prompts))]
-        self.progress = progress or Progress(len(prompts))
+        # what renders request k: a Prepared, or a plain list of message lists (None = skipped)
+        self.source = prompts if hasattr(prompts, "render") else _Listed(prompts, skip_reasons or {})
+        n = len(self.source)
+        self.outcomes = Outcomes(n)
+        self.progress = progress or Progress(n)
         self.pacer = Pacer(self.settings.rpm, self.settings.tpm)
         self.progress.limits = self.pacer.limits
         self.fatal: FatalError | None = None
@@ -163,25 +153,28 @@ class Engine:
         self.cache, self._refresh = cache, refresh
         self.estimate: Estimate | None = None
         self.model = str(self.params.get("model", ""))
-        self._keys: dict[int, str] = {}
+        if self.settings.max_cost is not None and price_of(self.model) is None:
+            raise ConfigError(f"max_cost cannot be kept: the price of {self.model!r} is unknown; "
+                              "set it with nbparrot.set_price(model, input=..., output=...)")
+        self._keys = _Keys(0)  # row -> its cache key (filled while planning, when there is a cache or a batch)
         self._planned = False
+        self._planner: Any = None  # the planning generator, while planning goes on (see _plan_steps)
         self._spent = 0.0  # USD of answered requests, kept only under a budget
         self._committed: dict[int, tuple[int, int]] = {}  # row -> (prompt, reply) tokens booked for it in flight
         self._committed_prompt = self._committed_reply = 0  # their totals
         self._ratio = 1.0  # the most the endpoint has counted per estimated prompt token (budgets reserve with it)
-        self._skip_reasons = skip_reasons or {}
         self.schema = schema
         if schema is not None:
             self.params["response_format"] = schema.response_format()
         self._preamble: list[dict] = []  # messages put before every row's (the json_object fallback)
         self._extra: dict[int, list[dict]] = {}  # row -> messages after its own (a re-ask)
-        self._costs: dict[int, int] = {}  # row -> its budgeted tokens, until its messages change
+        self._costs = _Costs(n)  # row -> its budgeted tokens, until its messages change
         self._reasks: dict[int, int] = {}
         self._n = int(self.params.get("n") or 1)
         self._reply_tokens = self._n * int(self.params.get("max_tokens") or self.params.get("max_completion_tokens") or 0)
         self._prefix = self._encode_prefix()
         self._version = 0  # bumped when the shared parameters change mid-run (see _switch_and_resend)
-        self._pending: deque[int] = deque()
+        self._pending = _Queue()
         self._tasks: dict[asyncio.Task, int] = {}  # attempt in flight -> its row
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._failures: dict[int, int] = {}  # row -> retryable errors so far
@@ -202,35 +195,102 @@ class Engine:
 
     # ---- public -------------------------------------------------------------------------
 
+    @property
+    def planned(self) -> bool:
+        """True once every row is settled or queued and the estimate is known."""
+        return self._planned
+
     def plan(self) -> Estimate:
-        """Before any request: settle skipped and cached rows, and estimate what is left to send."""
+        """Before any request: settle skipped, unrenderable and cached rows, and estimate what is left
+        to send. Here, synchronously, to the end: for a script, a batch, dask's empty partition."""
         if self._planned:
             return self.estimate
-        self._planned = True
-        rows = []
-        for i, prompt in enumerate(self.prompts):
-            if prompt is None:
-                self._settle_skipped(i)
+        planner = self._planner = self._planner or self._plan_steps()
+        reply = None
+        try:
+            while True:
+                keys = planner.send(reply)
+                reply = None if keys is None else self._lookup(keys)
+        except StopIteration:
+            return self.estimate
+
+    async def prepare(self) -> Estimate:
+        """``plan`` on the running loop, a few milliseconds at a time (the rows' statuses and the
+        progress note move as it goes); the cache lookups run in a thread."""
+        loop = self._loop = asyncio.get_running_loop()
+        if self.progress.started is None:
+            self.progress.started = loop.time()
+        if self._planned:
+            return self.estimate
+        planner = self._planner = self._planner or self._plan_steps()
+        reply = None
+        try:
+            while True:
+                keys = planner.send(reply)
+                if keys is None:
+                    reply = None
+                    await asyncio.sleep(0)
+                else:
+                    reply = await loop.run_in_executor(None, self._lookup, keys)
+        except StopIteration:
+            return self.estimate
+
+    def _lookup(self, keys: list[str]) -> dict:
+        """The cached answers of ``keys``, asked LOOKUP_KEYS at a time: below the size at which the
+        cache counts its entries to choose a whole-file pass (~40 ms on a million entries, per call)."""
+        if not keys:
+            return self.cache.get_many([])  # checks that the cache opens
+        found: dict = {}
+        for start in range(0, len(keys), LOOKUP_KEYS):
+            found.update(self.cache.get_many(keys[start:start + LOOKUP_KEYS]))
+        return found
+
+    def _plan_steps(self) -> Any:
+        """The planning, as a generator: it yields after each slice of rows None, or the cache
+        keys to look up (and is sent what was found), so ``plan`` and ``prepare`` can drive it."""
+        source, progress, costs, reply_tokens = self.source, self.progress, self._costs, self._reply_tokens
+        render, clock, n = source.render, time.perf_counter, len(self.outcomes)
+        keyed = self.cache is not None or self.batch  # a batch names its lines by these keys too
+        lookup = self.cache is not None and not self._refresh
+        keys = self._keys = _Keys(n if keyed else 0)
+        base, params = self.endpoint.base_url, self.params
+        opened = self.cache is None
+        sending = prompt_tokens = 0
+        row = 0
+        while row < n:
+            progress.note = f"preparing: {row:,} of {n:,} rows"
+            end = clock() + PLAN_SLICE
+            rows = []
+            while row < n and (row & 63 or clock() < end):
+                k, row = row, row + 1
+                try:
+                    messages = render(k)
+                except RenderError as exc:
+                    self._settle_unsendable(k, str(exc))
+                    continue
+                if messages is None:
+                    self._settle_skipped(k)
+                    continue
+                costs[k] = estimate_prompt_tokens(messages) + reply_tokens
+                if keyed:
+                    keys[k] = request_key(base, {**params, "messages": messages})
+                rows.append(k)
+            if rows and not opened and not lookup:
+                opened = True
+                yield []  # refresh: an empty lookup checks that the cache opens
+            if rows and lookup:
+                found = yield [keys[k] for k in rows]
+                if found:
+                    rows = [k for k in rows if not self._settle_cached(k, found.get(keys[k]))]
             else:
-                rows.append(i)
-        if (self.cache is not None or self.batch) and rows:  # a batch names its lines by these keys too
-            base, params = self.endpoint.base_url, self.params
-            keys = self._keys
-            for i in rows:
-                keys[i] = request_key(base, {**params, "messages": self.prompts[i]})
-        if self.cache is not None and rows:
-            found = self.cache.get_many([] if self._refresh else list(self._keys.values()))  # [] checks it opens
-            if found:
-                rows = [i for i in rows if not self._settle_cached(i, found.get(self._keys[i]))]
-        self._pending.extend(rows)
-        self._unsettled = len(rows)
-        prompt_tokens = sum(self.cost(i) for i in rows) - self._reply_tokens * len(rows)
-        self.estimate = estimate(self.model, len(rows), prompt_tokens, self._reply_tokens * len(rows), batch=self.batch)
-        budget = self.settings.max_cost
-        if budget is not None and price_of(self.model) is None:
-            raise ConfigError(f"max_cost cannot be kept: the price of {self.model!r} is unknown; "
-                              "set it with nbparrot.set_price(model, input=..., output=...)")
-        return self.estimate
+                yield None
+            self._pending.extend(rows)
+            self._unsettled += len(rows)
+            sending += len(rows)
+            prompt_tokens += sum(costs.get(k) for k in rows) - reply_tokens * len(rows)
+        progress.note = None
+        self.estimate = estimate(self.model, sending, prompt_tokens, reply_tokens * sending, batch=self.batch)
+        self._planned = True
 
     def _settle_cached(self, row: int, answer: CachedAnswer | None) -> bool:
         """Settle a row from the cache; False if there is no usable cached answer."""
@@ -250,14 +310,17 @@ class Engine:
         progress.done += 1
         progress.cached += 1
         progress.queued -= 1
+        if progress._listeners:
+            progress.emit("done", row)
         return True
 
     async def run(self) -> list[Outcome]:
         """Send every row; returns the outcomes (also on cancel, where unfinished rows say so)."""
         loop = self._loop = asyncio.get_running_loop()
         progress = self.progress
-        progress.started = loop.time()
-        self.plan()
+        if progress.started is None:
+            progress.started = loop.time()
+        await self.prepare()  # the rest of the planning, if map() did not finish it
         settings = self.settings
         async with Transport(self.endpoint, concurrency=settings.concurrency, timeout=settings.timeout,
                              max_bytes=settings.max_response_bytes) as transport:
@@ -430,11 +493,7 @@ class Engine:
         """Mark every row without an outcome as cancelled, with ``reason`` (nothing is left pending)."""
         progress = self.progress
         progress.retrying = 0
-        for outcome in self.outcomes:
-            if outcome.status == PENDING:
-                outcome.status = CANCELLED
-                outcome.error = reason
-                progress.cancelled += 1
+        progress.cancelled += self.outcomes.settle_pending(CANCELLED, reason)
         progress.queued = 0
         progress.in_flight = 0
         progress.sent_at.clear()
@@ -482,7 +541,7 @@ class Engine:
         self._error(row, status, headers, raw, version)
 
     def _messages(self, row: int) -> list:
-        messages = self.prompts[row]
+        messages = self.source.render(row)  # rendered again here: planning kept only its key and cost
         if self._preamble:
             messages = self._preamble + messages
         extra = self._extra.get(row)
@@ -682,9 +741,20 @@ class Engine:
     def _settle_skipped(self, row: int) -> None:
         outcome = self.outcomes[row]
         outcome.status = SKIPPED
-        outcome.error = self._skip_reasons.get(row, "skipped")
+        outcome.error = self.source.skip_reason(row)
         self.progress.skipped += 1
         self.progress.queued -= 1
+
+    def _settle_unsendable(self, row: int, reason: str) -> None:
+        """A row that cannot be rendered, failed while planning: nothing is sent for it."""
+        outcome = self.outcomes[row]
+        outcome.status, outcome.error = FAILED, reason
+        progress = self.progress
+        progress.failed += 1
+        progress.queued -= 1
+        progress.last_error = reason
+        if progress._listeners:
+            progress.emit("failed", row)
 
     def _settled(self) -> None:
         self._unsettled -= 1
@@ -716,3 +786,123 @@ def _describe(exc: BaseException) -> str:
         return "timed out waiting for the answer"
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
+
+
+class _Listed:
+    """A plain list of message lists (None = skipped) as the engine's source of requests."""
+
+    def __init__(self, prompts: Sequence[list | None], skip_reasons: Mapping[int, str]):
+        self._prompts, self._reasons = prompts, skip_reasons
+
+    def __len__(self) -> int:
+        return len(self._prompts)
+
+    def render(self, row: int) -> list | None:
+        return self._prompts[row]
+
+    def skip_reason(self, row: int) -> str:
+        return self._reasons.get(row, "skipped")
+
+
+class _Keys:
+    """Cache keys by row, packed: 32 bytes a row (in chunks allocated as rows are keyed) instead of a
+    64-character str (~113 bytes) in a dict."""
+
+    __slots__ = ("_chunks", "_other")
+
+    def __init__(self, n: int):
+        self._chunks: list[bytearray | None] = [None] * ((n + MASK) >> SHIFT)
+        self._other: dict[int, str] = {}  # a key that is not 64 hex digits, kept as it is
+
+    def __setitem__(self, row: int, key: str) -> None:
+        try:
+            raw = bytes.fromhex(key)
+        except ValueError:
+            raw = b""
+        if len(raw) == 32 and raw.hex() == key:
+            chunk = self._chunks[row >> SHIFT]
+            if chunk is None:
+                chunk = self._chunks[row >> SHIFT] = bytearray(32 * CHUNK)
+            at = 32 * (row & MASK)
+            chunk[at:at + 32] = raw
+        else:
+            self._other[row] = key
+
+    def __getitem__(self, row: int) -> str:
+        if self._other and row in self._other:
+            return self._other[row]
+        at = 32 * (row & MASK)
+        return self._chunks[row >> SHIFT][at:at + 32].hex()
+
+
+class _Costs:
+    """Each row's budgeted tokens (8 bytes a row, in chunks); -1 while unknown. Dict-like where the engine uses it."""
+
+    __slots__ = ("_tokens",)
+
+    def __init__(self, n: int):
+        self._tokens = Chunked("q", n, -1)
+
+    def get(self, row: int, default: Any = None) -> Any:
+        tokens = self._tokens[row]
+        return default if tokens < 0 else tokens
+
+    def __setitem__(self, row: int, tokens: int) -> None:
+        self._tokens[row] = tokens
+
+    def pop(self, row: int, default: Any = None) -> Any:
+        tokens = self.get(row, default)
+        self._tokens[row] = -1
+        return tokens
+
+    def clear(self) -> None:
+        self._tokens.clear()
+
+
+class _Queue:
+    """Rows waiting to be sent: the planned ones in an array (8 bytes a row, nothing for the garbage
+    collector to walk), with rows put back for another try in a deque in front of them."""
+
+    __slots__ = ("_rows", "_head", "_front")
+
+    def __init__(self) -> None:
+        self._rows = array("q")
+        self._head = 0
+        self._front: deque[int] = deque()
+
+    def extend(self, rows: Sequence[int]) -> None:
+        self._rows.extend(rows)
+
+    def appendleft(self, row: int) -> None:
+        self._front.appendleft(row)
+
+    def popleft(self) -> int:
+        if self._front:
+            return self._front.popleft()
+        if self._head >= len(self._rows):
+            raise IndexError("pop from an empty queue")
+        row = self._rows[self._head]
+        self._head += 1
+        if self._head >= 65536 and 2 * self._head >= len(self._rows):
+            del self._rows[:self._head]
+            self._head = 0
+        return row
+
+    def __getitem__(self, index: int) -> int:
+        if index != 0:
+            raise IndexError("only the head of the queue can be read")
+        if self._front:
+            return self._front[0]
+        if self._head >= len(self._rows):
+            raise IndexError("the queue is empty")
+        return self._rows[self._head]
+
+    def __len__(self) -> int:
+        return len(self._front) + len(self._rows) - self._head
+
+    def __bool__(self) -> bool:
+        return bool(self._front) or self._head < len(self._rows)
+
+    def __iter__(self) -> Any:
+        yield from self._front
+        yield from self._rows[self._head:]

@@ -27,6 +27,8 @@ TEXT_INTERVAL = 0.5  # seconds between text refreshes on a terminal
 
 
 def _in_kernel() -> bool:
+    if "IPython" not in sys.modules:  # not imported: surely no kernel (and importing it costs ~80 ms)
+        return False
     try:
         from IPython import get_ipython
 
@@ -239,13 +241,13 @@ class Panel(_Ticker):
         self._rates = _Rates()
         self._shown_in: int | None = None
         self._last: tuple = ()
+        self._estimate_shown = False
 
     def started(self) -> None:
         from IPython.display import display
 
         self._title()
-        if self.run.estimate is not None:
-            self.error.value = f"<span class='nbparrot-estimate'>estimate: {html.escape(str(self.run.estimate))}</span>"
+        self._show_estimate()
         display(self.box)
         self._shown_in = _execution_count()
         super().started()
@@ -262,6 +264,12 @@ class Panel(_Ticker):
         self.question = w.HBox([question, go, stop])
         self.question.add_class("nbparrot-confirm")
         self.box.children = (self.question, *self.box.children)
+
+    def _show_estimate(self) -> None:
+        """The estimate, once planning has made it (until an error takes the line)."""
+        if not self._estimate_shown and self.run.estimate is not None:
+            self._estimate_shown = True
+            self.error.value = f"<span class='nbparrot-estimate'>estimate: {html.escape(str(self.run.estimate))}</span>"
 
     def _answered(self) -> None:
         question = getattr(self, "question", None)
@@ -290,7 +298,11 @@ class Panel(_Ticker):
                s["note"], int(s["elapsed"]))
         if key == self._last:
             return
+        if not self._last or key[4] != self._last[4]:
+            self._title()  # the status changed: preparing, waiting, running
         self._last = key
+        if not s["last_error"]:
+            self._show_estimate()
         total, finished = s["total"], s["settled"] - s["cancelled"]  # cancelled rows are not progress
         self.bar.value = finished / total if total else 1.0
         self.bar.description = f"{finished}/{total}"

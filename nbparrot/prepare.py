@@ -1,12 +1,28 @@
-"""From data and a template to one chat request per row, checked before anything is sent.
+"""From data and a template to one chat request per row, rendered when it is needed.
 
 ``prepare`` accepts a pandas DataFrame or a list of dicts, and a template that is a string
 (the user message), a list of ``{"role", "content"}`` messages whose contents are templates
 (few-shot prompts), or a list of strings: several templates, each rendered for every row
-(one request per row x template, row by row). Every field is checked against the data's columns first, so a
-typo costs nothing. Rows with a missing value (None, NaN, NA) in a field the template uses
-are skipped and marked by default (``on_missing="skip"``); ``"empty"`` renders them as empty
-text and ``"error"`` refuses the whole batch.
+(one request per row x template, row by row). Every field is checked against the data's
+columns first, so a typo costs nothing.
+
+``prepare`` itself does only the cheap checks (fields against columns, duplicate column
+names, and for ``on_missing="error"`` the missing-value masks) and keeps references to the
+columns the template uses; ``Prepared.render(k)`` builds request ``k``'s messages on demand,
+from a small cache of column blocks. Nothing holds every row's messages at once: the engine
+renders a row once to plan it (cache key, token cost) and again when it sends it. A DataFrame's
+columns are taken as they are when ``prepare`` is called (pandas' copy-on-write keeps them so
+if the frame is edited later); a list of dicts is read as the rows are rendered.
+
+Rows with a missing value (None, NaN, NA) in a field the template uses are skipped and marked
+by default (``on_missing="skip"``); ``"empty"`` renders them as empty text and ``"error"``
+refuses the whole batch. A value that cannot be rendered (its ``str()`` raises, or it holds a
+lone surrogate, which is not valid text and cannot be sent as UTF-8) makes ``render`` raise
+``RenderError`` naming the column: the engine fails that row alone.
+
+For a list of dicts the first ``CHECK_NOW`` records are checked at once (each a mapping with
+every field); later records are checked as their block is first rendered, which raises the
+same errors (before any request: the engine renders every row while planning).
 """
 
 from __future__ import annotations
@@ -18,24 +34,44 @@ from typing import Any, Mapping, Sequence
 from .errors import ConfigError, TemplateError
 from .templates import Template, is_missing
 
-__all__ = ["Prepared", "prepare", "MISSING_POLICIES"]
+__all__ = ["Prepared", "RenderError", "prepare", "MISSING_POLICIES"]
 
 MISSING_POLICIES = ("skip", "empty", "error")
+BLOCK_SHIFT = 10
+BLOCK = 1 << BLOCK_SHIFT  # rows of column values fetched at a time
+KEEP_BLOCKS = 4  # blocks kept: the one being planned or sent, and a few for retries of older rows
+CHECK_NOW = 1024  # records of a list of dicts checked before prepare returns
+
+
+class RenderError(ValueError):
+    """A row whose values cannot be rendered as text; the message names the column."""
 
 
 @dataclass
 class Prepared:
-    """The requests of a batch and what is needed to give results back in the input's shape."""
+    """The requests of a batch, rendered on demand, and what is needed to give results back in the input's shape."""
 
-    prompts: list[list[dict] | None]  # messages per request; None = skipped
-    skip_reasons: dict[int, str] = field(default_factory=dict)
     frame: Any = None  # the input DataFrame, when it was one
     records: Sequence[Mapping] | None = None  # the input dicts, when they were
     templates: list[str] = field(default_factory=list)  # template texts; several = one request per row x template
+    rows: int = 0  # input rows (requests = rows x variants)
+    on_missing: str = "skip"
+    _variants: list[list[tuple[str, Template]]] = field(default_factory=list)
+    _fields: list[list[str]] = field(default_factory=list)  # fields used, per variant
+    # per variant, per message: (role, template text to format_map with the row's texts, or None, literal text)
+    _messages: list[list[tuple[str, str | None, str]]] = field(default_factory=list)
+    _columns: dict[str, Any] = field(default_factory=dict)  # field -> the DataFrame column (a Series)
+    _blocks: dict[int, tuple[dict[str, list], dict[str, list | None]]] = field(default_factory=dict)
+    _current: tuple[int, Any] = (-1, None)  # the block last used: (number, (values, missing))
+    _checked: int = 0  # records checked so far (a list of dicts)
 
     @property
     def variants(self) -> int:
         return max(1, len(self.templates))
+
+    def __len__(self) -> int:
+        """The number of requests."""
+        return self.rows * self.variants
 
     def row_of(self, request: int) -> int:
         """The input row a request was rendered from."""
@@ -52,7 +88,7 @@ class Prepared:
             return self.frame.index
         import pandas as pd
 
-        return pd.RangeIndex(len(self.prompts) // self.variants)
+        return pd.RangeIndex(self.rows)
 
     @property
     def request_index(self) -> Any:
@@ -60,15 +96,137 @@ class Prepared:
         index = self.index
         return index if self.variants == 1 else index.repeat(self.variants)
 
-    def user_text(self, row: int) -> str | None:
-        """The rendered last user message of a row (for previews)."""
-        prompt = self.prompts[row]
+    # ---- rendering ----------------------------------------------------------------------
+
+    def render(self, request: int) -> list[dict] | None:
+        """Request ``request``'s messages; None when it is skipped (a missing value, ``on_missing="skip"``).
+
+        Raises ``RenderError`` when a value cannot be rendered, and for a list of dicts the
+        ``TemplateError`` / ``ConfigError`` of a record that is not a mapping or lacks a field.
+        """
+        row, variant = divmod(request, self.variants) if len(self._variants) > 1 else (request, 0)
+        names = self._fields[variant]
+        texts: dict[str, str] = {}
+        if names:
+            number, block = self._current
+            values, missing = block if number == row >> BLOCK_SHIFT else self._block(row)
+            j = row & (BLOCK - 1)
+            for name in names:
+                flags = missing[name]  # None: nothing missing in this block
+                if flags is not None and flags[j]:
+                    if self.on_missing == "skip":
+                        return None
+                    texts[name] = ""  # "empty" ("error" has refused such rows already)
+            for name in names:
+                if name not in texts:
+                    value = values[name][j]
+                    texts[name] = value if type(value) is str and value.isascii() else _text(value, name)
+        elif self.records is not None and row >= self._checked:
+            self._block(row)  # checks the records
+        # str.format_map fills a checked template (plain {name} fields only) exactly as Template.render
+        # does, in C; a value is inserted as text and never read again as template syntax.
+        return [{"role": role, "content": text.format_map(texts) if text is not None else literal}
+                for role, text, literal in self._messages[variant]]
+
+    def skip_reason(self, request: int) -> str:
+        """Why ``render`` skipped a request."""
+        row, variant = divmod(request, self.variants)
+        if self._fields[variant]:
+            _, missing = self._block(row)
+            for name in self._fields[variant]:
+                flags = missing[name]
+                if flags is not None and flags[row % BLOCK]:
+                    return f"skipped: missing value in {name!r}"
+        return "skipped"
+
+    def user_text(self, request: int) -> str | None:
+        """The rendered last user message of a request (for previews), or None if it has none."""
+        try:
+            prompt = self.render(request)
+        except (RenderError, TemplateError, ConfigError):
+            return None
         if prompt is None:
             return None
         for message in reversed(prompt):
             if message.get("role") == "user":
                 return message.get("content")
         return prompt[-1].get("content")
+
+    def _block(self, row: int) -> tuple[dict[str, list], dict[str, list]]:
+        """The values and missing flags of the used columns for the block holding ``row``."""
+        number = row >> BLOCK_SHIFT
+        block = self._blocks.get(number)
+        if block is None:
+            start, stop = number * BLOCK, min(self.rows, (number + 1) * BLOCK)
+            if self.records is not None:
+                block = self._record_block(start, stop)
+            else:
+                values, missing = {}, {}
+                for name, column in self._columns.items():
+                    part = column.iloc[start:stop]
+                    values[name] = part.tolist()
+                    flags = part.isna()
+                    missing[name] = flags.tolist() if flags.any() else None
+                block = (values, missing)
+            if len(self._blocks) >= KEEP_BLOCKS:
+                del self._blocks[next(iter(self._blocks))]
+            self._blocks[number] = block
+        self._current = (number, block)
+        return block
+
+    def _record_block(self, start: int, stop: int) -> tuple[dict[str, list], dict[str, list]]:
+        rows = self.records[start:stop]
+        if stop > self._checked:
+            _check_records(rows, start, self._all_fields())
+            self._checked = max(self._checked, stop)
+        values = {name: [r[name] for r in rows] for name in self._all_fields()}
+        missing = {name: [is_missing(v) for v in column] for name, column in values.items()}
+        return values, {name: flags if any(flags) else None for name, flags in missing.items()}
+
+    def _all_fields(self) -> list[str]:
+        return list(dict.fromkeys(f for names in self._fields for f in names))
+
+
+def _text(value: Any, name: str) -> str:
+    """``value`` as text to put in a prompt, or ``RenderError`` saying why it cannot be."""
+    if isinstance(value, str):
+        text = value
+    else:
+        try:
+            text = str(value)
+        except Exception as exc:  # noqa: BLE001 - any failure of a user's __str__ is this row's error
+            raise RenderError(f"cannot render row: str() of the value in {name!r} raised "
+                              f"{type(exc).__name__}: {_describe(exc)}") from None
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise RenderError(f"cannot render row: value in {name!r} is not valid text "
+                              f"(lone surrogate \\u{ord(text[exc.start]):04x} at position {exc.start})") from None
+    return text
+
+
+def _describe(exc: BaseException) -> str:
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001 - an exception whose own str() fails
+        return "(no description)"
+    return text if len(text) <= 200 else text[:199] + "…"
+
+
+def _check_records(rows: Sequence[Any], start: int, fields: list[str]) -> None:
+    """Each record a mapping with every field; raises ``ConfigError`` / ``TemplateError`` otherwise."""
+    for k, r in enumerate(rows):
+        if not isinstance(r, Mapping):
+            raise ConfigError(f"data must be a DataFrame or a list of dicts; item {start + k} is a {type(r).__name__}")
+    for f in fields:
+        lacking = [start + k for k, r in enumerate(rows) if f not in r]
+        if lacking:
+            where = ", ".join(map(str, lacking[:5])) + (" ..." if len(lacking) > 5 else "")
+            keys = sorted({str(key) for r in rows for key in r})
+            counted = f"{len(lacking)} record(s)" + (f" of {start}-{start + len(rows) - 1}" if start else "")
+            raise TemplateError(f"template field {{{f}}} is missing from {counted} (at {where}); "
+                                f"keys present: {', '.join(keys)}")
 
 
 def _variants(template: Any, system: str | None) -> list[list[tuple[str, Template]]]:
@@ -96,12 +254,22 @@ def _message_templates(template: str | Sequence[Mapping[str, str]], system: str 
         if not isinstance(system, str):
             raise TemplateError(f"system must be a string, not {type(system).__name__}")
         messages.insert(0, ("system", Template(system)))
+    for _, t in messages:
+        try:
+            t.text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise TemplateError(f"template {t.text!r} is not valid text: lone surrogate "
+                                f"\\u{ord(t.text[exc.start]):04x} at position {exc.start}") from None
     return messages
 
 
 def prepare(data: Any, template: str | Sequence[Mapping[str, str]], *, system: str | None = None,
             on_missing: str = "skip") -> Prepared:
-    """Render every row's messages; raises ``TemplateError``/``ConfigError`` before any request."""
+    """Check the template against the data and return a ``Prepared`` that renders rows on demand.
+
+    Raises ``TemplateError`` / ``ConfigError`` before any request (see the module docstring
+    for what is checked now and what as rows are rendered).
+    """
     if on_missing not in MISSING_POLICIES:
         raise ConfigError(f"on_missing must be one of {', '.join(MISSING_POLICIES)}, not {on_missing!r}")
     variants = _variants(template, system)
@@ -117,54 +285,39 @@ def prepare(data: Any, template: str | Sequence[Mapping[str, str]], *, system: s
         for _, t in messages:
             t.check(names)
         by_name = {str(c): c for c in data.columns}
-        n = len(data)
-        columns = {f: data[by_name[f]].tolist() for f in fields}
-        missing = {f: data[by_name[f]].isna().tolist() for f in fields}
-        prepared = Prepared(prompts=[], frame=data)
+        prepared = Prepared(frame=data, rows=len(data), _columns={f: data[by_name[f]] for f in fields})
+        if fields and on_missing == "error":
+            import numpy as np
+
+            bad = np.zeros(len(data), dtype=bool)
+            for f in fields:
+                bad |= prepared._columns[f].isna().to_numpy()
+            _refuse_missing(prepared, np.flatnonzero(bad).tolist())
     elif isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
         rows = list(data)
-        bad = next((k for k, r in enumerate(rows) if not isinstance(r, Mapping)), None)
-        if bad is not None:
-            raise ConfigError(f"data must be a DataFrame or a list of dicts; item {bad} is a {type(rows[bad]).__name__}")
-        n = len(rows)
-        for f in fields:
-            lacking = [k for k, r in enumerate(rows) if f not in r]
-            if lacking:
-                where = ", ".join(map(str, lacking[:5])) + (" ..." if len(lacking) > 5 else "")
-                keys = sorted({str(key) for r in rows for key in r})
-                raise TemplateError(f"template field {{{f}}} is missing from {len(lacking)} record(s) (at {where}); keys present: {', '.join(keys)}")
-        columns = {f: [r[f] for r in rows] for f in fields}
-        missing = {f: [is_missing(v) for v in columns[f]] for f in fields}
-        prepared = Prepared(prompts=[], records=rows)
+        prepared = Prepared(records=rows, rows=len(rows))
+        _check_records(rows[:CHECK_NOW], 0, fields)
+        prepared._checked = min(len(rows), CHECK_NOW)
+        if fields and on_missing == "error":  # every record now: the whole batch is refused before it starts
+            _check_records(rows, 0, fields)
+            prepared._checked = len(rows)
+            _refuse_missing(prepared, [k for k, r in enumerate(rows) if any(is_missing(r[f]) for f in fields)])
     else:
         raise ConfigError(f"data must be a pandas DataFrame or a list of dicts, not {type(data).__name__}")
 
-    if fields and on_missing != "skip":
-        bad_rows = sorted({k for f in fields for k, m in enumerate(missing[f]) if m})
-        if bad_rows and on_missing == "error":
-            labels = list(prepared.index[bad_rows[:5]])
-            raise TemplateError(f"{len(bad_rows)} row(s) have missing values in the template's fields (rows {labels}); "
-                                "fill them, or pass on_missing='skip' or 'empty'")
-        for f in fields:
-            col = columns[f]
-            for k, m in enumerate(missing[f]):
-                if m:
-                    col[k] = ""
-    rendered = [[(role, t.render_columns(columns, n), t.fields) for role, t in variant] for variant in variants]
-    prompts: list[list[dict] | None] = []
-    for i in range(n):
-        for variant in rendered:
-            prompts.append([{"role": role, "content": texts[i]} for role, texts, _ in variant])
-    if fields and on_missing == "skip":
-        for v, variant in enumerate(rendered):
-            for f in dict.fromkeys(f for _, _, used in variant for f in used):
-                for k, m in enumerate(missing[f]):
-                    request = k * len(rendered) + v
-                    if m and prompts[request] is not None:
-                        prompts[request] = None
-                        prepared.skip_reasons[request] = f"skipped: missing value in {f!r}"
-    prepared.prompts = prompts
+    prepared.on_missing = on_missing
+    prepared._variants = variants
+    prepared._fields = [list(dict.fromkeys(f for _, t in variant for f in t.fields)) for variant in variants]
+    prepared._messages = [[(role, t.text if t.fields else None, t.render({}) if not t.fields else "")
+                           for role, t in variant] for variant in variants]
     several = not isinstance(template, str) and all(isinstance(t, str) for t in template)
     prepared.templates = ([template] if isinstance(template, str) else list(template) if several
                           else [json.dumps(list(map(dict, template)))])
     return prepared
+
+
+def _refuse_missing(prepared: Prepared, bad_rows: list[int]) -> None:
+    if bad_rows:
+        labels = list(prepared.index[bad_rows[:5]])
+        raise TemplateError(f"{len(bad_rows)} row(s) have missing values in the template's fields (rows {labels}); "
+                            "fill them, or pass on_missing='skip' or 'empty'")

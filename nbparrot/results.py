@@ -58,6 +58,20 @@ def _answer_of(run: "Run", outcome: Any) -> Any:
     return outcome.parsed if run.engine.schema is not None else outcome.content
 
 
+def _answers(run: "Run") -> list:
+    """Every request's answer (None where there is none), read from the outcome columns at once."""
+    outcomes = run.outcomes
+    column = outcomes.parsed if run.engine.schema is not None else outcomes.content
+    status, answered = outcomes.status, outcomes.code(OK)
+    values: list = [None] * len(outcomes)
+    for chunk in column.chunks:
+        if chunk:
+            for k, value in chunk.items():
+                if status[k] == answered:
+                    values[k] = value
+    return values
+
+
 def shape(run: "Run", layout: Shape) -> Any:
     """Lay the run's outcomes out as ``layout`` says (see the module docstring)."""
     prepared, schema, n = run.prepared, run.engine.schema, run.engine._n
@@ -69,8 +83,12 @@ def shape(run: "Run", layout: Shape) -> Any:
     choice_of: list[int | None] = []
     item_of: list[int | None] = []
     values: list[Any] = []
-    for k, outcome in enumerate(run.outcomes):
-        value = _answer_of(run, outcome)
+    answers = _answers(run)
+    if n == 1 and not layout.explode:  # one output row per request: no per-row loop
+        values, out_requests = answers, list(range(len(answers)))
+        out_rows = out_requests if prepared.variants == 1 else [prepared.row_of(k) for k in out_requests]
+        answers = []
+    for k, value in enumerate(answers):
         choices: list[tuple[int | None, Any]]
         if n > 1 and value is not None:
             kept, positions = _dedupe(value) if layout.dedupe else (value, list(range(len(value))))
@@ -160,7 +178,13 @@ class ColumnSink:
     def begin(self) -> None:
         """Set up the column once the run is sure to start: rows already answered (from the
         cache) filled in, the others NA; then follow the answers as they land."""
-        self.frame[self.column] = _objects([_answer_of(self.run, o) for o in self.run.outcomes])
+        import numpy as np
+
+        outcomes = self.run.outcomes
+        values = np.empty(len(outcomes), dtype=object)  # all None
+        for k in outcomes.rows_with(OK):  # from the cache, when planning settled them before the start
+            values[k] = _answer_of(self.run, outcomes[k])
+        self.frame[self.column] = values
         self.run.progress.subscribe(self._on_event)
 
     def _on_event(self, event: str, row: int) -> None:

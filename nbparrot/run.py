@@ -73,22 +73,34 @@ class Run:
         self._finished = threading.Event()
         self._result_cache: Any = None
         self._confirmation: asyncio.Future | None = None  # set when the panel must ask before sending
+        self._ask_over: float | None = None  # confirm_over, while the estimate to compare it with is not known
+        self._early_answer: bool | None = None  # confirm() called before the question was put
         self.view: Any = None  # the panel or text line showing this run
 
     # ---- starting -----------------------------------------------------------------------
 
     def start(self, view_factory: Callable[["Run", bool], Any], *, ask: bool = False,
-              before: Callable[[], None] | None = None) -> "Run":
+              ask_over: float | None = None, before: Callable[[], None] | None = None) -> "Run":
         """Start on the running loop (returns at once) or, with none, run to completion here.
 
         ``ask``: the view must get the user's go-ahead (Run / Cancel) before any request.
-        ``before`` is called once every check has passed, just before the run starts.
+        ``ask_over`` (USD): ask if the estimate may cost more; decided once planning is done
+        (at once if the engine has planned already, or if the view cannot ask: then the whole
+        batch is planned here to decide). ``before`` is called once every check has passed,
+        just before the run starts.
         """
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
         self.view = view_factory(self, loop is not None)
+        if ask_over is not None:
+            if loop is None or not hasattr(self.view, "ask"):
+                self.engine.plan()
+            if self.engine.planned:
+                ask = ask or self._over(ask_over)
+            else:
+                self._ask_over = ask_over
         if ask:
             if loop is None or not hasattr(self.view, "ask"):
                 raise ConfigError(f"this run is estimated at {self.engine.estimate}, above confirm_over; "
@@ -107,6 +119,8 @@ class Run:
         _live[self.id] = self
         self._task = loop.create_task(self._main())
         self._task.add_done_callback(self._finalize)
+        if not self.engine.planned and self.progress.note is None:
+            self.progress.note = "preparing"  # the planning's own note, with counts, follows from its first slice
         self.view.started()
 
     def _run_here(self) -> None:
@@ -130,19 +144,31 @@ class Run:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
+    def _over(self, limit: float) -> bool:
+        e = self.engine.estimate
+        return e.requests > 0 and (e.max_cost is None or e.max_cost > limit)
+
     async def _main(self) -> None:
         try:
+            await self.engine.prepare()  # what map() did not plan: in slices, while the view says "preparing"
+            if self._ask_over is not None and self._over(self._ask_over):
+                self._confirmation = self._loop.create_future()
+                if self._early_answer is not None:
+                    self._confirmation.set_result(self._early_answer)
             if self._confirmation is not None:
                 self.view.ask()
                 if not await self._confirmation:
                     self._cancel_requested = True
                     self.engine.abandon("not sent: the run was not confirmed")
                     return
+                self.progress.started = self._loop.time()  # the time the question was up is not the run's
             await self.engine.run()
         except asyncio.CancelledError:
             self._cancel_requested = True  # the outcomes already say which rows were cancelled
         except BaseException as exc:  # noqa: BLE001 - a run must never die silently
             self._crash = exc
+            if self.engine.outcomes.count_status("pending"):
+                self.engine.abandon(f"not sent: the run stopped ({type(exc).__name__}: {exc})")
         finally:
             self._finalize()
 
@@ -151,7 +177,7 @@ class Run:
         was cancelled before its first step (then ``_main`` never ran at all)."""
         if self._finished.is_set():
             return
-        if any(o.status == "pending" for o in self.engine.outcomes):
+        if self.engine.outcomes.count_status("pending"):
             self._cancel_requested = True
             self.engine.abandon("not sent: the run was cancelled before it started")
         _live.pop(self.id, None)
@@ -164,8 +190,12 @@ class Run:
     # ---- state --------------------------------------------------------------------------
 
     def confirm(self, go: bool = True) -> None:
-        """Answer the panel's question before a costly run: send it (True) or drop it. Any thread."""
+        """Answer the panel's question before a costly run: send it (True) or drop it. Any thread.
+
+        Called while the run is still preparing, the answer is kept for the question, if it comes."""
         fut = self._confirmation
+        if fut is None and self._ask_over is not None:
+            self._early_answer = bool(go)
         if fut is not None and not fut.done():
             self._loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(bool(go)))
 
@@ -187,11 +217,14 @@ class Run:
 
     @property
     def status(self) -> str:
-        """'waiting' (for confirmation), 'running', 'finished', 'cancelled', 'stopped' (max_cost
-        reached), or 'failed' (a fatal error stopped it)."""
+        """'preparing' (planning: cache lookups and the estimate, nothing sent yet), 'waiting' (for
+        confirmation), 'running', 'finished', 'cancelled', 'stopped' (max_cost reached), or
+        'failed' (a fatal error stopped it)."""
         if not self.done():
             if self._confirmation is not None and not self._confirmation.done():
                 return "waiting"
+            if self._task is not None and not self.engine.planned:
+                return "preparing"
             return "running" if self._task is not None else "created"
         if self._crash is not None or self.engine.fatal is not None:
             return "failed"
@@ -206,7 +239,8 @@ class Run:
 
     @property
     def estimate(self):
-        """Requests, tokens and cost (expected, at most) of what this run sends, known before it starts."""
+        """Requests, tokens and cost (expected, at most) of what this run sends, known before the first
+        request; None while the run is still preparing."""
         return self.engine.estimate
 
     def counts(self) -> dict[str, int]:
@@ -251,7 +285,8 @@ class Run:
         """Rows without an answer (failed, skipped, cancelled) with the reason and attempts."""
         import pandas as pd
 
-        rows = [(k, o) for k, o in enumerate(self.engine.outcomes) if o.status in (FAILED, SKIPPED, CANCELLED)]
+        outcomes = self.engine.outcomes
+        rows = [(k, outcomes[k]) for k in outcomes.rows_with(FAILED, SKIPPED, CANCELLED)]
         index = self.prepared.request_index
         shown = self.engine.endpoint.redact  # no key, password or key-looking URL path in a row's error
         columns = {"status": [o.status for _, o in rows],

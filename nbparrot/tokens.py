@@ -22,7 +22,8 @@ PER_REPLY = 3  # the assistant priming every reply
 
 def estimate_text_tokens(text: str) -> int:
     """Estimated tokens in one piece of text."""
-    size = len(text) if text.isascii() else len(text.encode("utf-8"))
+    # surrogatepass: a lone surrogate (not valid text, never sent) is counted, not an exception
+    size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
     return (size + 3) // 4
 
 
