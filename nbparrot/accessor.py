@@ -30,13 +30,18 @@ class LLMAccessor:
         return api.map(self._frame, template, **options)
 
 
-def copy_map_signature(method: Any) -> None:
-    """Give an accessor's ``map(template, **options)`` the signature and docs of ``nbparrot.map``."""
-    signature = inspect.signature(api.map)
+def copy_signature(method: Any, func: Any) -> None:
+    """Give an accessor method ``(self, ..., **options)`` the signature and docs of ``func(data, ...)``."""
+    signature = inspect.signature(func)
     method.__signature__ = signature.replace(
         parameters=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)]
         + [p for name, p in signature.parameters.items() if name != "data"])
-    method.__doc__ = (method.__doc__ or "") + "\n\n" + (api.map.__doc__ or "")
+    method.__doc__ = (method.__doc__ or "") + "\n\n" + (func.__doc__ or "")
+
+
+def copy_map_signature(method: Any) -> None:
+    """Give an accessor's ``map(template, **options)`` the signature and docs of ``nbparrot.map``."""
+    copy_signature(method, api.map)
 
 
 def register_accessors(owner: type, register_accessor: Any, accessor: type, shown: str) -> list[str]:
