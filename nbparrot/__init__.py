@@ -11,8 +11,10 @@ from .errors import (
     AuthenticationError,
     BudgetExceededError,
     ConfigError,
+    EndpointFailingError,
     EndpointUnreachableError,
     FatalError,
+    RateLimitWaitError,
     ModelNotFoundError,
     NbparrotError,
     PermissionDeniedError,
@@ -21,6 +23,7 @@ from .errors import (
     RunNotFinishedError,
     TemplateError,
 )
+from .operators.decisions import classify, filter  # noqa: A004 - nbparrot.filter, as nbparrot.map
 from .pricing import set_price
 from .run import Run, live_runs
 from .accessor import register as _register_accessors
@@ -53,10 +56,10 @@ _register_magics_in_a_kernel()
 __version__ = "0.1.0"
 
 __all__ = [
-    "map", "Run", "live_runs", "configure", "defaults", "set_price",
+    "map", "filter", "classify", "Run", "live_runs", "configure", "defaults", "set_price",
     "NbparrotError", "ConfigError", "TemplateError", "FatalError", "AuthenticationError",
     "PermissionDeniedError", "ModelNotFoundError", "QuotaExceededError", "EndpointUnreachableError",
-    "BudgetExceededError", "RunNotFinishedError", "RunCancelledError",
+    "EndpointFailingError", "RateLimitWaitError", "BudgetExceededError", "RunNotFinishedError", "RunCancelledError",
 ]
 
 import sys as _sys

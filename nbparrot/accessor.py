@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from . import api
+from .operators import decisions
 from .run import Run
 
 __all__ = ["LLMAccessor", "register"]
@@ -28,6 +29,14 @@ class LLMAccessor:
     def map(self, template: Any, **options: Any) -> Run:
         """Render ``template`` for every row and send it; see ``nbparrot.map`` for every option."""
         return api.map(self._frame, template, **options)
+
+    def filter(self, predicate: Any, **options: Any) -> Run:
+        """The rows for which the model says ``predicate`` is true; see ``nbparrot.filter``."""
+        return decisions.filter(self._frame, predicate, **options)
+
+    def classify(self, template: Any, labels: Any, **options: Any) -> Run:
+        """One of ``labels`` per row, as a Categorical; see ``nbparrot.classify``."""
+        return decisions.classify(self._frame, template, labels, **options)
 
 
 def copy_signature(method: Any, func: Any) -> None:
@@ -67,6 +76,8 @@ def register_accessors(owner: type, register_accessor: Any, accessor: type, show
 
 
 copy_map_signature(LLMAccessor.map)
+copy_signature(LLMAccessor.filter, decisions.filter)
+copy_signature(LLMAccessor.classify, decisions.classify)
 
 
 def register() -> list[str]:

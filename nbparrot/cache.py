@@ -63,15 +63,15 @@ _DECODER = json.JSONDecoder()
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, model TEXT, content TEXT,"
-    " finish_reason TEXT, prompt_tokens INT, completion_tokens INT, created REAL)",
+    " finish_reason TEXT, prompt_tokens INT, completion_tokens INT, created REAL, extra TEXT)",
     # Covers info()'s per-model counts and time range, and clear(model), without reading answers.
     "CREATE INDEX IF NOT EXISTS answers_by_model ON answers (model, created)",
     # Batch API jobs in progress: a rerun after a kernel restart reattaches instead of paying twice.
     "CREATE TABLE IF NOT EXISTS batch_jobs (job TEXT PRIMARY KEY, batch_ids TEXT NOT NULL, created REAL)",
 )
 _INSERT = ("INSERT OR REPLACE INTO answers (key, model, content, finish_reason, prompt_tokens,"
-           " completion_tokens, created) VALUES (?, ?, ?, ?, ?, ?, ?)")
-_SELECT_ALL = "SELECT key, model, content, finish_reason, prompt_tokens, completion_tokens FROM answers"
+           " completion_tokens, created, extra) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+_SELECT_ALL = "SELECT key, model, content, finish_reason, prompt_tokens, completion_tokens, extra FROM answers"
 _SELECT = _SELECT_ALL + " WHERE key IN ({})"
 _COUNT = "SELECT COUNT(*) FROM answers"
 _STOP = object()  # queued by close(): the writer exits once everything before it is written
@@ -127,6 +127,7 @@ class CachedAnswer(NamedTuple):
     prompt_tokens: int
     completion_tokens: int
     model: str
+    extra: Any = None  # what an operator read from the raw answer besides its text (a confidence), if anything
 
 
 class Cache:
@@ -173,8 +174,9 @@ class Cache:
                     sql = full if len(chunk) == _CHUNK else _SELECT.format(",".join("?" * len(chunk)))
                     rows += _retrying(lambda: conn.execute(sql, chunk).fetchall())
         decode = _DECODER.raw_decode  # 4x faster than json.loads; the text is our own compact JSON
-        return {key: CachedAnswer(decode(content)[0], decode(finish)[0], prompt_tokens, completion_tokens, model)
-                for key, model, content, finish, prompt_tokens, completion_tokens in rows}
+        return {key: CachedAnswer(decode(content)[0], decode(finish)[0], prompt_tokens, completion_tokens, model,
+                                  None if extra is None else decode(extra)[0])
+                for key, model, content, finish, prompt_tokens, completion_tokens, extra in rows}
 
     def put(self, key: str, answer: CachedAnswer) -> None:
         """Store ``answer`` under ``key`` soon: a queue append here, the write on the writer thread.
@@ -403,7 +405,8 @@ def _rows_to_params(rows: list[tuple[str, CachedAnswer]], encoder: json.JSONEnco
     for key, answer in rows:
         try:
             params.append((key, answer.model, encode(answer.content), encode(answer.finish_reason),
-                           int(answer.prompt_tokens or 0), int(answer.completion_tokens or 0), now))
+                           int(answer.prompt_tokens or 0), int(answer.completion_tokens or 0), now,
+                           None if answer.extra is None else encode(answer.extra)))
         except (TypeError, ValueError) as exc:
             dropped.append(f"{type(exc).__name__}: {exc}")
     return params, dropped
@@ -427,6 +430,8 @@ def _create_schema(conn: sqlite3.Connection) -> str:
     try:
         for statement in _SCHEMA:
             conn.execute(statement)
+        if "extra" not in {row[1] for row in conn.execute("PRAGMA table_info(answers)")}:
+            conn.execute("ALTER TABLE answers ADD COLUMN extra TEXT")  # files written before it existed
         conn.execute("INSERT OR IGNORE INTO meta (name, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
         version = conn.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()[0]
         conn.execute("COMMIT")

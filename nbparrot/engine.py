@@ -137,8 +137,10 @@ class Engine:
         schema: Schema | None = None,
         cache: Cache | None = None,
         refresh: bool = False,
+        extract: Callable[[dict, "Progress"], Any] | None = None,
     ):
         self.endpoint = endpoint
+        self.extract = extract  # reads something besides the text from an answer's choice (kept in outcome.extra)
         self.settings = settings or EngineSettings()
         self.params = dict(params)
         # what renders request k: a Prepared, or a plain list of message lists (None = skipped)
@@ -305,6 +307,8 @@ class Engine:
                 return False
         outcome.content, outcome.finish_reason = answer.content, answer.finish_reason
         outcome.prompt_tokens, outcome.completion_tokens = answer.prompt_tokens, answer.completion_tokens
+        if answer.extra is not None:
+            outcome.extra = answer.extra
         outcome.status, outcome.cached = OK, True
         progress = self.progress
         progress.done += 1
@@ -594,11 +598,14 @@ class Engine:
                 outcome.parsed = [parse(c) for c in content] if self._n > 1 else parse(content)
             except ValueError as exc:
                 return self._reask(row, content[0] if self._n > 1 else content, str(exc))
+        extra = self.extract(choice, progress) if self.extract is not None and self._n == 1 else None
+        if extra is not None:
+            outcome.extra = extra
         outcome.status = OK
         outcome.error = None
         if self.cache is not None:
             self.cache.put(self._keys[row], CachedAnswer(content, finish, outcome.prompt_tokens,
-                                                         outcome.completion_tokens, self.model))
+                                                         outcome.completion_tokens, self.model, extra))
         progress.done += 1
         self._settled()
         if progress._listeners:

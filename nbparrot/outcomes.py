@@ -107,7 +107,7 @@ class Outcomes:
     """The outcomes of ``n`` requests, in input order (see the module docstring)."""
 
     __slots__ = ("status", "attempts", "prompt_tokens", "completion_tokens", "latency", "cached",
-                 "content", "parsed", "error", "status_error", "finish", "finish_values", "finish_codes",
+                 "content", "parsed", "extra", "error", "status_error", "finish", "finish_values", "finish_codes",
                  "finish_other", "tokens_other")
 
     def __init__(self, n: int):
@@ -119,6 +119,7 @@ class Outcomes:
         self.cached = bytearray(n)
         self.content = Sparse(n)  # only rows with an answer (kept, too, when a schema rejects it)
         self.parsed = Sparse(n)
+        self.extra = Sparse(n)  # what an operator reads from the raw answer besides the text (a confidence)
         self.error = Sparse(n)
         self.status_error: dict[int, str] = {}  # status code -> the error of its rows that have none of their own
         self.finish = bytearray(n)  # index into finish_values; 0 = None
@@ -310,6 +311,7 @@ class Outcome:
 
     content = _sparse("content")  # the answer text (a list of texts when n > 1); kept when a schema rejects it
     parsed = _sparse("parsed")  # the validated value(s), when a schema was given
+    extra = _sparse("extra")  # e.g. the confidence classify reads from logprobs
     error = _sparse("error")
     prompt_tokens = _number("prompt_tokens", fallback=True)
     completion_tokens = _number("completion_tokens", fallback=True)
