@@ -29,6 +29,7 @@ from IPython.display import HTML, Markdown, display
 from traitlets import Int, Unicode, observe
 
 from . import api
+from .operators import decisions
 from .cache import CachedAnswer, request_key
 from .config import configure, defaults, resolve_endpoint
 from .errors import NbparrotError
@@ -74,6 +75,8 @@ class NbparrotMagics(Magics):
     @argument("--over", metavar="DF", help="run the cell as a row template over this DataFrame")
     @argument("--sample", type=int, metavar="K", help="with --over: only K rows (a fixed random sample)")
     @argument("--batch", action="store_true", help="with --over: send through the OpenAI Batch API (half price)")
+    @argument("--filter", action="store_true", help="with --over: the cell is a predicate; keep the rows it is true of")
+    @argument("--classify", metavar="LABELS", help="with --over: one of these comma-separated labels per row")
     @argument("command", nargs="*", help="line form: status | cancel [ID|all] | cost | models | cache info|clear")
     @no_var_expand  # {name} fields are ours to fill, from the cell body only
     @line_cell_magic
@@ -131,9 +134,23 @@ class NbparrotMagics(Magics):
         schema = self._schema(args, ns)
         if args.batch and args.over is None:
             raise UsageError("%%llm: --batch needs --over DF (a batch is worth it for many rows)")
+        if (args.filter or args.classify) and args.over is None:
+            raise UsageError("%%llm: --filter and --classify need --over DF")
+        if args.filter and args.classify:
+            raise UsageError("%%llm: use --filter or --classify, not both")
         if args.over is not None:
             frame = self._frame(args, ns)
-            run = api.map(frame, variants if len(variants) > 1 else variants[0], **self._options(args, schema))
+            template = variants if len(variants) > 1 else variants[0]
+            options = self._options(args, schema)
+            if args.filter or args.classify:
+                if schema is not None or args.json or args.n != 1:
+                    raise UsageError("%%llm: --filter / --classify decide the answer's shape: no --json, --schema or -n")
+                del options["schema"], options["n"]
+                run = (decisions.filter(frame, template, **options) if args.filter else
+                       decisions.classify(frame, template, [w.strip() for w in args.classify.split(",") if w.strip()],
+                                          **options))
+            else:
+                run = api.map(frame, template, **options)
             if args.output:
                 ns[args.output] = run
             if len(variants) > 1:
@@ -307,8 +324,7 @@ def comparison_html(run: Run, variants: list[str]) -> str:
     """Side-by-side answers (a column per variant) and a per-variant line of tokens, cost, latency."""
     k = len(variants)
     rows = len(run.outcomes) // k
-    answer = lambda o: (o.content if isinstance(o.content, str) else json.dumps(o.content)) if o.status == "ok" \
-        else f"[{o.status}] {o.error or ''}"  # noqa: E731
+    answer = lambda o: _shown(o) if o.status == "ok" else f"[{o.status}] {o.error or ''}"  # noqa: E731
     head = "".join(f"<th style='text-align:left'>variant {v + 1}</th>" for v in range(k))
     body = []
     labels = list(run.prepared.index) if run.prepared.frame is not None else [""] * rows
@@ -330,6 +346,14 @@ def comparison_html(run: Run, variants: list[str]) -> str:
     prompts = "".join(f"<td style='text-align:left'><code>{html.escape(v[:200])}</code></td>" for v in variants)
     return (f"<table class='nbparrot-compare'><tr><th></th>{head}</tr><tr><th>prompt</th>{prompts}</tr>"
             f"<tr><th>usage</th>{''.join(stats)}</tr>{''.join(body)}</table>")
+
+
+def _shown(outcome: Any) -> str:
+    """An answer as text: a decision's value (filter, classify) rather than its JSON wrapper."""
+    value = outcome.parsed if outcome.parsed is not None else outcome.content
+    if isinstance(value, dict) and len(value) == 1:
+        value = next(iter(value.values()))
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _table(css: str, header: list[str], rows: list[list[Any]]) -> HTML:

@@ -108,6 +108,28 @@ def test_compare_variants_side_by_side(kernel):
     assert html.count("#0] Say ") == 3 and html.count("#0] Shout ") == 3  # one answer per row and variant
 
 
+def test_filter_and_classify_variants_side_by_side(kernel):
+    kernel.execute("import pandas as pd\ndf = pd.DataFrame({'text': ['a <<yes>>', 'b <<no>>', 'c <<yes>>']})",
+                   check=True)
+    cell = kernel.execute("%%llm --over df --filter -o kept\n{text}\n---\nIs this true? {text}", check=True)
+
+    def table():
+        for _, content in display_updates(kernel, cell):
+            html = content["data"].get("text/html", "")
+            if "nbparrot-compare" in html:
+                return html
+        return None
+
+    html = wait_until(table, timeout=30, message="no comparison table")
+    assert html.count("<td style='text-align:left;vertical-align:top'>true</td>") == 4  # the decisions, not JSON
+    assert html.count("<td style='text-align:left;vertical-align:top'>false</td>") == 2
+    frame = kernel.execute("res = await kept\nprint(res.shape, res.dtypes.unique().tolist())", check=True, timeout=30)
+    assert frame.stdout == "(3, 2) [BooleanDtype]\n"
+    kernel.execute("%%llm --over df --classify yes,no -o labels\n{text}", check=True)
+    labels = kernel.execute("res = await labels\nprint(res.tolist(), list(res.cat.categories))", check=True, timeout=30)
+    assert labels.stdout == "['yes', 'no', 'yes'] ['yes', 'no']\n"
+
+
 def test_status_cancel_cost_models_and_cache(kernel):
     kernel.server  # noqa: B018 - the fixture's server answers these
     kernel.execute("import pandas as pd\nbig = pd.DataFrame({'text': [f'row {i}' for i in range(2000)]})\n"

@@ -57,6 +57,15 @@ def _decisions(run: Run, field: str) -> list:
     return values
 
 
+def _by_variant(prepared: Any, values: list, column: Any) -> Any:
+    """Several templates (``%%llm --filter`` variants): a frame with one column per template."""
+    import pandas as pd
+
+    k = prepared.variants
+    return pd.DataFrame({template: column(values[v::k]) for v, template in enumerate(prepared.templates)},
+                        index=prepared.index)
+
+
 def _with_meta(run: Run, frame: Any, rows: list[int]) -> Any:
     import pandas as pd
 
@@ -74,6 +83,8 @@ class _FilterShape:
 
         decided = _decisions(run, "answer")
         prepared = run.prepared
+        if prepared.variants > 1:
+            return _by_variant(prepared, decided, lambda values: pd.array(values, dtype="boolean"))
         if self.mask:
             return pd.Series(pd.array(decided, dtype="boolean"), index=prepared.index, name=self.name)
         keep = [k for k, value in enumerate(decided) if value is True]
@@ -186,6 +197,9 @@ class _ClassifyShape:
 
         prepared = run.prepared
         decided = _decisions(run, "labels" if self.multi else "label")
+        if prepared.variants > 1:
+            return _by_variant(prepared, decided, lambda values: values if self.multi
+                               else pd.Categorical(values, categories=self.labels))
         index = prepared.index
         if self.multi:
             values: Any = pd.Series(decided, index=index, name=self.name, dtype=object)
