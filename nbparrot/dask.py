@@ -63,7 +63,8 @@ import pandas as pd
 from dask.dataframe.extensions import register_dataframe_accessor
 
 from . import api
-from .accessor import copy_map_signature, register_accessors
+from .accessor import copy_map_signature, copy_signature, register_accessors
+from .operators import decisions
 from .cache import default_cache_dir
 from .config import defaults, resolve_endpoint
 from .errors import ConfigError, NbparrotError
@@ -114,10 +115,12 @@ class _Plan:
     neither task names nor graph reprs carry anything derived from it.
     """
 
-    def __init__(self, template: Any, options: dict[str, Any], key: _Secret, *, slots: int,
+    def __init__(self, func: Any, args: tuple, options: dict[str, Any], key: _Secret, *, slots: int,
                  rpm: float | None, tpm: float | None, client_pid: int, dtypes: Any = None,
                  url: _Secret | None = None):
-        self.template = template
+        self.func = func  # nbparrot.map, filter or classify: what each partition runs
+        self.args = args  # its arguments after the data: the template (and the labels)
+        self.template = args[0]
         self.options = options  # nbparrot.map's keyword arguments, without api_key
         self.key = key
         self.url = url  # base_url with its user:password@, when it had them (hidden like the key)
@@ -174,23 +177,25 @@ def _check_limit(name: str, value: Any) -> float | None:
     return float(value)
 
 
-def _plan(frame: dd.DataFrame, template: Any, options: dict[str, Any]) -> _Plan:
+def _plan(frame: dd.DataFrame, func: Any, args: tuple, options: dict[str, Any]) -> _Plan:
     """Check the options and resolve, here on the client, everything a worker must not guess."""
+    what = f"ddf.llm.{func.__name__}"
     for name, why in _REFUSED.items():
         if options.get(name) is not None:
-            raise ConfigError(f"{why} (ddf.llm.map got {name}={options[name]!r})")
-    allowed = set(inspect.signature(api.map).parameters) - {"data", "template"}
+            raise ConfigError(f"{why} ({what} got {name}={options[name]!r})")
+    parameters = inspect.signature(func).parameters
+    allowed = set(list(parameters)[1 + len(args):])
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for ddf.llm.map; it takes the options of "
-                          "nbparrot.map")
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for {what}; it takes the options of "
+                          f"nbparrot.{func.__name__}")
     options = dict(options)
     options.pop("confirm", None)  # only meaningful with confirm_over
     endpoint = resolve_endpoint(options.pop("base_url", None), options.pop("api_key", None))
     options["base_url"] = endpoint.base_url
     options["model"] = options.get("model") or defaults.model
     for name in ("system", "max_retries", "timeout", "max_tokens"):
-        if options.get(name) is None:
+        if name in parameters and options.get(name) is None:
             options[name] = getattr(defaults, name)
     mode = options.get("cache") or defaults.cache
     options["cache"] = mode
@@ -220,7 +225,7 @@ def _plan(frame: dd.DataFrame, template: Any, options: dict[str, Any]) -> _Plan:
         scheme, rest = endpoint.base_url.split("://", 1)
         user, password = (quote(part, safe="") for part in endpoint.basic_auth)
         url = _Secret(f"{scheme}://{user}:{password}@{rest}")
-    return _Plan(template, options, _Secret(endpoint.api_key or ""), slots=slots, rpm=rpm, tpm=tpm,
+    return _Plan(func, args, options, _Secret(endpoint.api_key or ""), slots=slots, rpm=rpm, tpm=tpm,
                  client_pid=os.getpid(), url=url)
 
 
@@ -248,6 +253,8 @@ def _dtypes(empty: Any, input_columns: pd.Index, options: dict[str, Any]) -> Any
     schema = options.get("schema")
     plain_text = schema is None and (int(options.get("n") or 1) == 1 or bool(options.get("explode")))
     if isinstance(empty, pd.Series):
+        if empty.dtype == "boolean" or isinstance(empty.dtype, pd.CategoricalDtype):
+            return empty.dtype  # a decision: filter's mask, classify's labels
         return text if plain_text else object
     fields: dict[str, Any] = {}
     if schema is not None:
@@ -269,8 +276,8 @@ def _dtypes(empty: Any, input_columns: pd.Index, options: dict[str, Any]) -> Any
             dtypes[column] = _META_DTYPES[column]
         elif column == "template" or options.get("meta"):
             dtypes[column] = text
-        else:
-            dtypes[column] = object
+        else:  # classify's label (a Categorical) and confidence keep theirs
+            dtypes[column] = empty.dtypes[column]
     return dtypes
 
 
@@ -367,7 +374,7 @@ def _shared_pacer(plan: _Plan, options: dict[str, Any]) -> _SharedPacer:
 
 
 async def _run_paced(partition: pd.DataFrame, plan: _Plan, options: dict[str, Any]) -> Any:
-    run = api.map(partition, plan.template, **options)  # on this loop: started, not yet stepped
+    run = plan.func(partition, *plan.args, **options)  # on this loop: started, not yet stepped
     engine = getattr(run, "engine", None)
     if isinstance(getattr(engine, "pacer", None), Pacer):
         pacer = _shared_pacer(plan, options)
@@ -417,7 +424,7 @@ def _llm_map(partition: pd.DataFrame, plan: _Plan) -> Any:
 def _empty_result(meta: pd.DataFrame, plan: _Plan) -> Any:
     """The result on an empty partition, computed here without a request; also checks the options."""
     def work() -> Any:  # no loop in this thread: nbparrot runs it to completion
-        return api.map(meta, plan.template, **plan.worker_options()).result()
+        return plan.func(meta, *plan.args, **plan.worker_options()).result()
 
     return _without_loop(work)
 
@@ -439,8 +446,22 @@ class DaskLLMAccessor:
         threads; limits learned from headers are per process. ``into=`` and ``confirm_over``
         are refused; ``max_cost`` is split evenly over the partitions.
         """
+        return self._lazy(api.map, template, options=options)
+
+    def filter(self, predicate: Any, **options: Any) -> Any:
+        """A lazy dask DataFrame of the rows the model says ``predicate`` is true of (``mask=True``: a
+        boolean Series); partition-wise, with the same rules as ``ddf.llm.map``; see ``nbparrot.filter``."""
+        return self._lazy(decisions.filter, predicate, options=options)
+
+    def classify(self, template: Any, labels: Any, **options: Any) -> Any:
+        """A lazy Categorical Series of one of ``labels`` per row, partition-wise, with the same rules
+        as ``ddf.llm.map``; see ``nbparrot.classify``."""
+        decisions.normalize_labels(labels)  # bad labels fail here, not on the workers
+        return self._lazy(decisions.classify, template, labels, options=options)
+
+    def _lazy(self, func: Any, *args: Any, options: dict[str, Any]) -> Any:
         frame = self._frame
-        plan = _plan(frame, template, options)
+        plan = _plan(frame, func, args, options)
         empty = _empty_result(frame._meta, plan)
         plan.dtypes = _dtypes(empty, frame._meta.columns, plan.options)
         meta = _conform(empty, plan.dtypes)
@@ -448,6 +469,8 @@ class DaskLLMAccessor:
 
 
 copy_map_signature(DaskLLMAccessor.map)
+copy_signature(DaskLLMAccessor.filter, decisions.filter)
+copy_signature(DaskLLMAccessor.classify, decisions.classify)
 
 
 def register() -> list[str]:

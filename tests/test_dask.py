@@ -53,6 +53,28 @@ def test_same_answers_as_pandas_and_nothing_sent_before_compute(cluster, make_se
     assert server.stats()["requests"] == 2 * ROWS
 
 
+def test_filter_and_classify_partition_wise_match_pandas(cluster, make_server):
+    server = make_server(latency_ms=2)
+    df = pd.DataFrame({"text": [f"row {i} <<yes>>" if i % 3 else f"row {i} about billing" for i in range(60)]})
+    ddf = dd.from_pandas(df, npartitions=6)
+    options = {"base_url": server.base_url, "api_key": KEY, "model": "mock"}
+    kept = ddf.llm.filter("{text}", **options)
+    assert isinstance(kept, dd.DataFrame) and server.stats()["requests"] == 0
+    expected = df.llm.filter("{text}", **options).result()
+    got = kept.compute().sort_index()  # (dask keeps text as its own string dtype: compare values)
+    assert got.index.tolist() == expected.index.tolist() and got["text"].tolist() == expected["text"].tolist()
+    mask = ddf.llm.filter("{text}", mask=True, **options).compute().sort_index()
+    assert mask.dtype == "boolean" and mask.tolist() == df.llm.filter("{text}", mask=True, **options).result().tolist()
+    labels = ddf.llm.classify("{text}", ["billing", "other"], **options)
+    assert isinstance(labels.dtype, pd.CategoricalDtype)
+    computed = labels.compute().sort_index()
+    assert list(computed.cat.categories) == ["billing", "other"]
+    assert computed.tolist() == df.llm.classify("{text}", ["billing", "other"], **options).result().tolist()
+    assert server.stats()["requests"] == 120  # 60 filter + 60 classify decisions; the rest came from the cache
+    with pytest.raises(ConfigError, match="duplicate"):
+        ddf.llm.classify("{text}", ["a", "a"], **options)
+
+
 def test_total_rate_across_workers_stays_within_rpm(cluster, make_server):
     """The server allows 2400 requests a minute with a one-second window (40 at once): the four
     worker threads share rpm=2400, so it never has to refuse one."""
