@@ -198,7 +198,18 @@ def test_bad_arguments_fail_before_any_request(make_server):
         E.embed(df, "text", temperature=0.5, **opts(server))
     with pytest.raises(ConfigError, match="dimensions"):
         E.embed(df, "text", dimensions=0, **opts(server))
+    with pytest.raises(ConfigError, match="meta"):
+        E.sim_join(df, df, on="text", meta=True, **opts(server))
     assert server.stats()["requests"] == 0
+
+
+def test_text_key_is_the_caches_request_key():
+    from nbparrot.cache import request_key
+
+    for params in ({"model": MODEL}, {"model": "text-embedding-3-small", "dimensions": 256}):
+        key = E.text_key("http://127.0.0.1:1/v1/", params)
+        for text in ["plain", 'quote " back \\ slash', "ünïcode 日本", "tab\tnew\nline", "\u2028", "\ud800 lone"]:
+            assert key(text).hex() == request_key("http://127.0.0.1:1/v1", {**params, "input": text})
 
 
 def test_meta_records_and_odd_column_names(make_server):

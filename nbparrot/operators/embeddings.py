@@ -51,7 +51,9 @@ import math
 import time
 import warnings
 from collections import OrderedDict, deque
-from typing import Any, Sequence
+from hashlib import sha256
+from json.encoder import encode_basestring as _encode_text  # what the canonical key JSON does to a str
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -61,7 +63,7 @@ from ..engine import PLAN_SLICE, Engine, _describe, _Keys, _Queue
 from ..errors import BudgetExceededError, ConfigError, FatalError, NbparrotError, TemplateError, error_fields, fatal_error
 from ..errors import describe_error
 from ..options import RUN, check_options, takes_options
-from ..outcomes import CANCELLED, FAILED, MASK, OK, PENDING, SHIFT, SKIPPED, Outcomes
+from ..outcomes import CHUNK, FAILED, MASK, OK, PENDING, SHIFT, SKIPPED, Outcomes
 from ..prepare import Prepared, RenderError, prepare
 from ..pricing import cost_of, estimate
 from ..ratelimit import retry_after_seconds
@@ -84,6 +86,7 @@ MEMO_BYTES = 2 * 1024 ** 3  # ... and at most this many bytes of them (the newes
 _RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 _SIZE_WORDS = ("token", "context length", "too long", "too large", "too many", "maximum", "max_tokens_per_request")
 _OK, _PENDING, _FAILED = Outcomes.code(OK), Outcomes.code(PENDING), Outcomes.code(FAILED)
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)  # as cache.request_key
 
 
 # ---- the texts of a run ------------------------------------------------------------------
@@ -298,13 +301,13 @@ class EmbedEngine(Engine):
         render, clock, n = source.render, time.perf_counter, len(self.outcomes)
         lookup = self.cache is not None and not self._refresh
         keys = self._keys = _Keys(n)  # always: they also find the rows that hold the same text
-        base, key_params, limit = self.endpoint.base_url, self._key_params, self.max_input_tokens
+        key_of, chunks, limit = text_key(self.endpoint.base_url, self._key_params), keys._chunks, self.max_input_tokens
         opened = self.cache is None
         row = tokens_left = 0
         while row < n:
             progress.note = f"preparing: {row:,} of {n:,} rows"
             end = clock() + PLAN_SLICE
-            rows = []
+            rows, hexes = [], []
             while row < n and (row & 63 or clock() < end):
                 k, row = row, row + 1
                 try:
@@ -324,15 +327,23 @@ class EmbedEngine(Engine):
                                                f"{limit:,}-token limit of one input; shorten or split it")
                     continue
                 costs[k] = tokens
-                keys[k] = request_key(base, {**key_params, "input": text})
+                digest = key_of(text)
+                chunk = chunks[k >> SHIFT]
+                if chunk is None:
+                    chunk = chunks[k >> SHIFT] = bytearray(32 * CHUNK)
+                at = 32 * (k & MASK)
+                chunk[at:at + 32] = digest  # what _Keys[k] = digest.hex() stores, without the round trip
                 rows.append(k)
+                hexes.append(digest)
             if rows and not opened and not lookup:
                 opened = True
                 yield []  # refresh: an empty lookup checks that the cache opens
             if rows and lookup:
-                found = yield [keys[k] for k in rows]
+                hexes = [digest.hex() for digest in hexes]
+                found = yield hexes
                 if found:
-                    rows = [k for k in rows if not self._settle_cached(k, found.get(keys[k]))]
+                    get, settle = found.get, self._settle_cached
+                    rows = [k for k, key in zip(rows, hexes) if not settle(k, get(key))]
             else:
                 yield None
             self._pending.extend(rows)
@@ -758,6 +769,25 @@ class EmbedEngine(Engine):
             self._notify()
 
 
+def text_key(base_url: str, params: dict) -> Callable[[str], bytes]:
+    """The cache key of one text's embedding, as raw sha256 bytes: the same as
+    ``request_key(base_url, {**params, "input": text})`` (whose hex it is), built from the canonical
+    JSON's fixed head and tail around the text instead of encoding the whole body each time."""
+    marker = "\x00nbparrot-input\x00"
+    canonical = _CANONICAL.encode({"base_url": base_url.rstrip("/"), "body": {**params, "input": marker}})
+    head, tail = canonical.split(_encode_text(marker))
+    head_bytes, tail_bytes = head.encode(), tail.encode()
+
+    def key(text: str) -> bytes:
+        try:
+            data = head_bytes + _encode_text(text).encode() + tail_bytes
+        except UnicodeEncodeError:
+            return bytes.fromhex(request_key(base_url, {**params, "input": text}))
+        return sha256(data).digest()
+
+    return key
+
+
 def _param(raw: bytes) -> str | None:
     try:
         error = json.loads(raw).get("error")
@@ -856,6 +886,12 @@ def _check_common(options: dict, model: Any, dimensions: Any, per_request: Any) 
     if isinstance(per_request, bool) or not isinstance(per_request, int) or not 1 <= per_request <= MAX_INPUTS:
         raise ConfigError(f"per_request must be an integer from 1 to {MAX_INPUTS:,}, not {per_request!r}")
     return options
+
+
+def _no_meta(options: dict, what: str) -> None:
+    if options.get("meta"):
+        raise ConfigError(f"meta=True gives provenance per embedded row, which {what} does not return; use "
+                          "embed(..., meta=True), or run.errors and run.usage of this run")
 
 
 def _check_k(k: Any) -> int:
@@ -1059,6 +1095,7 @@ def search(
         raise ConfigError(f"the query is about {estimate_text_tokens(query):,} tokens, over the "
                           f"{MAX_INPUT_TOKENS:,}-token limit of one embedding input")
     options = check_options(search, _check_common(dict(options), model, dimensions, per_request))
+    _no_meta(options, "search")
     options["model"] = model
     setup = resolve(options)
     prepared = texts_of(data, on, on_missing=options["on_missing"])
@@ -1171,6 +1208,7 @@ def sim_join(
             and suffixes[0] != suffixes[1]):
         raise ConfigError(f"suffixes must be two different strings, not {suffixes!r}")
     options = check_options(sim_join, _check_common(dict(options), model, dimensions, per_request))
+    _no_meta(options, "sim_join")
     options["model"] = model
     setup = resolve(options)
     left_frame, right_frame = _as_frame(left, "left"), _as_frame(right, "right")
