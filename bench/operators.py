@@ -193,8 +193,6 @@ def w_join(ns: argparse.Namespace) -> dict:
 
     left = pd.DataFrame({"text": rows(ns.left, "question")})
     right = pd.DataFrame({"text": rows(ns.n, "customer")})
-    import numpy  # noqa: F401 - imported before the baseline, as in a session
-
     rss0 = _rss()
     stop = _window()
     run = sim_join(left, right, on="text", k=1, model=ns.model, dimensions=ns.dims, base_url=ns.base_url,

@@ -352,3 +352,20 @@ def test_in_a_kernel_the_cell_returns_at_once_cancel_keeps_rows_and_await_gives_
                              check=True, timeout=60).stdout.split()
         assert out == [str(rows), str(report["done"]), "finished"]
         assert inputs(server) - sent == rows - report["done"]  # the rerun sent only the rest
+
+
+def test_dask_embed_partition_wise_when_the_accessor_has_it(make_server):
+    """``ddf.llm.embed`` (added to nbparrot/dask.py with docs/embed-lead-additions.patch): a lazy object
+    Series, one run per partition, the same vectors; skipped until the accessor has the method."""
+    dd = pytest.importorskip("dask.dataframe")
+    import nbparrot.dask as nd
+
+    if not hasattr(nd.DaskLLMAccessor, "embed"):
+        pytest.skip("ddf.llm.embed is not in nbparrot/dask.py yet")
+    server = make_server()
+    df = pd.DataFrame({"text": [f"dask row {i} text" for i in range(3000)] + [None]}, index=pd.RangeIndex(3001) * 3)
+    lazy = dd.from_pandas(df, npartitions=6).llm.embed("text", model=MODEL, base_url=server.base_url, api_key=KEY)
+    assert lazy.dtype == object and requests(server) == 0
+    out = lazy.compute(scheduler="threads")
+    assert out.index.equals(df.index) and out.notna().sum() == 3000 and requests(server) == 6
+    np.testing.assert_allclose(as_matrix(out.dropna()), truth(df["text"].dropna()), atol=1e-6)

@@ -61,7 +61,7 @@ from ..api import launch, resolve
 from ..cache import CachedAnswer, request_key
 from ..engine import PLAN_SLICE, Engine, _describe, _Keys, _Queue
 from ..errors import BudgetExceededError, ConfigError, FatalError, NbparrotError, TemplateError, error_fields, fatal_error
-from ..errors import describe_error
+from ..errors import describe_error, redact_url
 from ..options import RUN, check_options, takes_options
 from ..outcomes import CHUNK, FAILED, MASK, OK, PENDING, SHIFT, SKIPPED, Outcomes
 from ..prepare import Prepared, RenderError, prepare
@@ -668,7 +668,7 @@ class EmbedEngine(Engine):
     def _error(self, first: int, status: int, headers: Any, raw: bytes, version: int) -> None:
         message, code, kind = error_fields(raw, self.endpoint.api_key)
         message = self.endpoint.redact(message)
-        where = f"{status} from {_display(self.endpoint, self.url)}"
+        where = f"{status} from {redact_url(self.url)}"
         param = _param(raw)
         fatal = fatal_error(status, message, code, kind, where)
         if fatal is not None:
@@ -794,12 +794,6 @@ def _param(raw: bytes) -> str | None:
         return error.get("param") if isinstance(error, dict) else None
     except (ValueError, AttributeError):
         return None
-
-
-def _display(endpoint: Any, url: str) -> str:
-    from ..errors import redact_url
-
-    return redact_url(url)
 
 
 # ---- the run -----------------------------------------------------------------------------
@@ -1124,8 +1118,6 @@ class _JoinShape:
         self.left, self.right, self.k, self.threshold, self.suffixes = left, right, k, threshold, suffixes
 
     def __call__(self, run: EmbedRun) -> Any:
-        import pandas as pd
-
         inputs: Inputs = run.prepared
         left_rows, left, left_lacking = _frame_corpus(run, inputs.span("left"))
         right_rows, right, right_lacking = _frame_corpus(run, inputs.span("right"))
