@@ -118,8 +118,9 @@ def resolve(options: dict[str, Any]) -> RunSetup:
 
 def launch(setup: RunSetup, prepared: Prepared, body: Mapping[str, Any], shape: Callable[[Run], Any], *,
            schema: Schema | None = None, engine: type[Engine] | None = None, label: str | None = None,
-           into: str | None = None, **engine_options: Any) -> Run:
-    """Build the engine and the ``Run`` and start it: in a notebook it goes on in the background."""
+           into: str | None = None, run_class: type[Run] = Run, **engine_options: Any) -> Run:
+    """Build the engine and the ``Run`` (a ``run_class``) and start it: in a notebook it goes on in the
+    background."""
     options = setup.options
     batch = options.get("mode") == "batch"
     kind = engine or (BatchEngine if batch else Engine)
@@ -136,7 +137,7 @@ def launch(setup: RunSetup, prepared: Prepared, body: Mapping[str, Any], shape: 
                           f"{format_usd(estimate.max_cost)}, above max_cost={format_usd(max_cost)}")
     if label is None:
         label = prepared.templates[0] if prepared.variants == 1 else f"{prepared.variants} templates"
-    run = Run(run_engine, prepared, model=setup.model, label=label, shape=shape)
+    run = run_class(run_engine, prepared, model=setup.model, label=label, shape=shape)
     sink = ColumnSink(run, prepared.frame, into) if into is not None else None
     return run.start(make_view if options.get("progress", True) else Silent,
                      ask_over=None if options.get("confirm") else options.get("confirm_over"),

@@ -356,9 +356,13 @@ def _execution_count() -> int | None:
 def _preview_html(run: "Run", rows: int = 5, width: int = 160) -> str:
     """Prompt beside answer for the first rows, so iterating on a prompt needs no extra cell."""
     out = []
+    describe = getattr(run, "describe_answer", None)  # a run whose answers are not text (embeddings)
     for k, outcome in enumerate(run.outcomes[:rows]):
         prompt = run.prepared.user_text(k) or ""
-        answer = outcome.content if outcome.status == "ok" else f"[{outcome.status}] {outcome.error or ''}"
+        if outcome.status != "ok":
+            answer = f"[{outcome.status}] {outcome.error or ''}"
+        else:
+            answer = describe(k) if describe is not None else outcome.content
         if isinstance(answer, list):
             answer = " | ".join(map(str, answer))
         cut = lambda t: html.escape(t if len(t) <= width else t[: width - 1] + "…")  # noqa: E731

@@ -37,6 +37,10 @@ PRICES: dict[str, Price] = {
     "o4-mini": Price(1.10, 0.275, 4.40),
     "o3-mini": Price(1.10, 0.55, 4.40),
     "gpt-3.5-turbo": Price(0.50, 0.50, 1.50),
+    # embeddings: input tokens only
+    "text-embedding-3-small": Price(0.02, 0.02, 0.0),
+    "text-embedding-3-large": Price(0.13, 0.13, 0.0),
+    "text-embedding-ada-002": Price(0.10, 0.10, 0.0),
 }
 
 BATCH_DISCOUNT = 0.5
