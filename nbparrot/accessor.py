@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from . import api
-from .operators import decisions
+from .operators import decisions, embeddings
 from .run import Run
 
 __all__ = ["LLMAccessor", "register"]
@@ -38,13 +38,25 @@ class LLMAccessor:
         """One of ``labels`` per row, as a Categorical; see ``nbparrot.classify``."""
         return decisions.classify(self._frame, template, labels, **options)
 
+    def embed(self, template_or_column: Any, **options: Any) -> Run:
+        """Each row's text (a column, or a {field} template) as a float32 vector; see ``nbparrot.embed``."""
+        return embeddings.embed(self._frame, template_or_column, **options)
+
+    def search(self, query: str, **options: Any) -> Run:
+        """The rows most similar to ``query``, best first, with ``similarity``; see ``nbparrot.search``."""
+        return embeddings.search(self._frame, query, **options)
+
+    def sim_join(self, right: Any, **options: Any) -> Run:
+        """For each row, its most similar rows of ``right``; see ``nbparrot.sim_join``."""
+        return embeddings.sim_join(self._frame, right, **options)
+
 
 def copy_signature(method: Any, func: Any) -> None:
     """Give an accessor method ``(self, ..., **options)`` the signature and docs of ``func(data, ...)``."""
     signature = inspect.signature(func)
     method.__signature__ = signature.replace(
         parameters=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)]
-        + [p for name, p in signature.parameters.items() if name != "data"])
+        + list(signature.parameters.values())[1:])  # all but the data (sim_join's left)
     method.__doc__ = (method.__doc__ or "") + "\n\n" + (func.__doc__ or "")
 
 
@@ -78,6 +90,9 @@ def register_accessors(owner: type, register_accessor: Any, accessor: type, show
 copy_map_signature(LLMAccessor.map)
 copy_signature(LLMAccessor.filter, decisions.filter)
 copy_signature(LLMAccessor.classify, decisions.classify)
+copy_signature(LLMAccessor.embed, embeddings.embed)
+copy_signature(LLMAccessor.search, embeddings.search)
+copy_signature(LLMAccessor.sim_join, embeddings.sim_join)
 
 
 def register() -> list[str]:

@@ -64,7 +64,7 @@ from dask.dataframe.extensions import register_dataframe_accessor
 
 from . import api
 from .accessor import copy_map_signature, copy_signature, register_accessors
-from .operators import decisions
+from .operators import decisions, embeddings
 from .cache import default_cache_dir
 from .config import defaults, resolve_endpoint
 from .errors import ConfigError, NbparrotError
@@ -193,7 +193,7 @@ def _plan(frame: dd.DataFrame, func: Any, args: tuple, options: dict[str, Any]) 
     options.pop("confirm", None)  # only meaningful with confirm_over
     endpoint = resolve_endpoint(options.pop("base_url", None), options.pop("api_key", None))
     options["base_url"] = endpoint.base_url
-    options["model"] = options.get("model") or defaults.model
+    options["model"] = options.get("model") or parameters["model"].default or defaults.model  # embed's own default
     for name in ("system", "max_retries", "timeout", "max_tokens"):
         if name in parameters and options.get(name) is None:
             options[name] = getattr(defaults, name)
@@ -459,11 +459,17 @@ class DaskLLMAccessor:
         decisions.normalize_labels(labels)  # bad labels fail here, not on the workers
         return self._lazy(decisions.classify, template, labels, options=options)
 
+    def embed(self, template_or_column: Any, **options: Any) -> Any:
+        """A lazy Series of float32 vectors (object dtype), partition-wise, with the same rules as
+        ``ddf.llm.map``; see ``nbparrot.embed``."""
+        return self._lazy(embeddings.embed, template_or_column, options=options)
+
     def _lazy(self, func: Any, *args: Any, options: dict[str, Any]) -> Any:
         frame = self._frame
         plan = _plan(frame, func, args, options)
         empty = _empty_result(frame._meta, plan)
-        plan.dtypes = _dtypes(empty, frame._meta.columns, plan.options)
+        vectors = func is embeddings.embed and isinstance(empty, pd.Series)  # float32 arrays: object
+        plan.dtypes = object if vectors else _dtypes(empty, frame._meta.columns, plan.options)
         meta = _conform(empty, plan.dtypes)
         return frame.map_partitions(_llm_map, plan, meta=meta, enforce_metadata=True)
 
@@ -471,6 +477,7 @@ class DaskLLMAccessor:
 copy_map_signature(DaskLLMAccessor.map)
 copy_signature(DaskLLMAccessor.filter, decisions.filter)
 copy_signature(DaskLLMAccessor.classify, decisions.classify)
+copy_signature(DaskLLMAccessor.embed, embeddings.embed)
 
 
 def register() -> list[str]:
