@@ -57,6 +57,7 @@ __all__ = ["Engine", "EngineSettings", "Outcome", "Progress", "PENDING", "OK", "
 _RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 PLAN_SLICE = 0.008  # seconds of planning between two yields to the loop
 LOOKUP_KEYS = 400  # keys per Cache.get_many call while planning
+FAN_OUT = 32  # requests the dispatcher starts before it lets the loop run them (the fan-out after the probe)
 
 
 class Progress:
@@ -333,6 +334,7 @@ class Engine:
     async def _dispatch(self) -> None:
         loop, pacer, pending = self._loop, self.pacer, self._pending
         budget = self.settings.max_cost
+        started = 0
         while self._unsettled and self.fatal is None:
             if self.budget_stop is not None:
                 if not self._in_flight:
@@ -361,6 +363,9 @@ class Engine:
             task = loop.create_task(self._attempt(row, mark))
             self._tasks[task] = row
             task.add_done_callback(self._task_done)
+            started += 1
+            if started % FAN_OUT == 0:  # let these begin before starting more: no 256-request burst in one loop pass
+                await asyncio.sleep(0)
 
     def _affordable(self, row: int, tokens: int, budget: float) -> bool:
         """Book the most this request can cost, unless spend plus what is in flight would pass the budget."""
