@@ -303,7 +303,8 @@ class Engine:
         return True
 
     async def run(self) -> list[Outcome]:
-        """Send every row; returns the outcomes (also on cancel, where unfinished rows say so)."""
+        """Plan what is not planned yet (``prepare``), then send every row; returns the outcomes
+        (also on cancel, where unfinished rows say so)."""
         loop = self._loop = asyncio.get_running_loop()
         progress = self.progress
         if progress.started is None:
