@@ -202,6 +202,8 @@ def worker(ns: argparse.Namespace) -> dict:
     out: dict[str, Any] = {"client": ns.client, "n": n, "concurrency": ns.concurrency}
     gc_timer = GcTimer()
 
+    busy0, span0, span_cpu0 = base._cpu_busy(), time.perf_counter(), base._rusage()[0]
+
     async def main() -> list:
         loop = asyncio.get_running_loop()
         answers: Any = None
@@ -305,6 +307,10 @@ def worker(ns: argparse.Namespace) -> dict:
         return answers
 
     answers = asyncio.run(main())
+    busy1 = base._cpu_busy()
+    out["total_s"], out["worker_cpu_s"] = time.perf_counter() - span0, base._rusage()[0] - span_cpu0
+    # CPU time each core gave to anything over the cell (the worker is on CPU 0, the server on CPU 1)
+    out["busy_s"] = {k: busy1[k] - busy0[k] for k in busy1 if k in busy0}
     ok = wrong = missing = 0
     for i, (id_, text) in enumerate(zip(df["id"].tolist(), df["text"].tolist())):
         answer = answers[i]
@@ -321,6 +327,20 @@ def worker(ns: argparse.Namespace) -> dict:
 
 
 # =========================================================================== parent
+
+
+def wait_for_quiet(limit: float, share: float = 0.15) -> float:
+    """Wait (at most ``limit`` seconds) until both cores were less than ``share`` busy over 3 s; returns the
+    last busy share seen. The machine is shared: a cell started while others run their benchmarks
+    measures them too."""
+    end = time.monotonic() + limit
+    while True:
+        before = base._cpu_busy()
+        time.sleep(3.0)
+        after = base._cpu_busy()
+        busy = max(((after[k] - before[k]) / 3.0 for k in after if k in before), default=0.0)
+        if busy < share or time.monotonic() >= end:
+            return busy
 
 
 def spawn(args: list[str], deadline: float, tmp: Path, name: str, code: Path = ROOT) -> dict:
@@ -352,18 +372,19 @@ def _f(value: Any, fmt: str) -> str:
 
 def table(results: list[dict]) -> str:
     head = ("| client | N | start call ms | status at return | preparing s | largest stall ms | stalls > 50 ms "
-            "| largest stall, own CPU ms | > 50 ms, own CPU | largest stall without a full GC ms | p99 late ms | full GCs (max ms) | RSS/row B | peak RSS MB (base) | wall s | CPU µs/req | rows ok / wrong "
+            "| largest stall, own CPU ms | > 50 ms, own CPU | largest stall without a full GC ms | p99 late ms | full GCs (max ms) | other load CPU0 / CPU1 | RSS/row B | peak RSS MB (base) | wall s | CPU µs/req | rows ok / wrong "
             "/ unanswered | result() s | status |")
-    lines = [head, "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
+    lines = [head, "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|---:|---|"]
     for r in results:
         if "wall_s" not in r:
-            lines.append(f"| {r.get('client')} | {r.get('n', 0):,} | {r.get('status')} |" + " |" * 16)
+            lines.append(f"| {r.get('client')} | {r.get('n', 0):,} | {r.get('status')} |" + " |" * 17)
             continue
         lines.append(
             f"| {r['client']} | {r['n']:,} | {_f(r.get('start_call_ms'), '{:.1f}')} | {r.get('status_at_return', '–')} "
             f"| {_f(r.get('preparing_s'), '{:.2f}')} | {r['stall_max_ms']:.1f} | {r['stalls_over_50ms']} "
             f"| {r['own_stall_max_ms']:.1f} | {r['own_stalls_over_50ms']} | {r['stall_max_without_gc_ms']:.1f} "
             f"| {r['late_p99_ms']:.1f} | {r['gc_full_collections']} ({r['gc_full_max_ms']:.0f}) "
+            f"| {_f(r.get('other_load_client_core'), '{:.0%}')} / {_f(r.get('other_load_server_core'), '{:.0%}')} "
             f"| {r['rss_per_row_bytes']:,.0f} | {r['rss_peak_run_mb']:,.0f} ({r['rss_base_mb']:,.0f}) | {r['wall_s']:.1f} "
             f"| {r['cpu_us_per_req']:,.0f} | {r['ok']:,} / {r['wrong']:,} / {r['unanswered']:,} "
             f"| {_f(r.get('result_s'), '{:.2f}')} | {r['status']}{' (deadline)' if r.get('deadline_hit') else ''} |")
@@ -387,11 +408,20 @@ def parent(ns: argparse.Namespace) -> None:
             for client in clients:
                 name = f"{client}-{n}"
                 server.reset()
+                quiet = wait_for_quiet(ns.quiet_wait) if ns.quiet_wait else None
+                server_cpu0 = server.stats()["cpu_seconds"]
                 print(f"- {name} ...", end=" ", flush=True, file=sys.stderr)
                 res = spawn(["--worker", "--client", client, "--n", str(n), "--concurrency", str(ns.concurrency),
                              "--base-url", server.base_url], ns.deadline, Path(tmpdir), name,
                             Path(ns.code).resolve() if ns.code else ROOT)
-                res.update(client=client, n=n)
+                res.update(client=client, n=n, busy_before_start=quiet)
+                if "wall_s" in res:
+                    res["server_cpu_s"] = server.stats()["cpu_seconds"] - server_cpu0
+                    busy, span = res.get("busy_s") or {}, res["total_s"]
+                    if f"cpu{CLIENT_CPU}" in busy:  # the CPU other processes used on each core during the cell
+                        res["other_load_client_core"] = max(0.0, busy[f"cpu{CLIENT_CPU}"] - res["worker_cpu_s"]) / span
+                    if f"cpu{SERVER_CPU}" in busy:
+                        res["other_load_server_core"] = max(0.0, busy[f"cpu{SERVER_CPU}"] - res["server_cpu_s"]) / span
                 if "wall_s" in res:
                     print(f"start {_f(res.get('start_call_ms'), '{:.1f}')} ms, stall max {res['stall_max_ms']:.0f} ms, "
                           f"{res['rss_per_row_bytes']:.0f} B/row, {res['done']:,}/{n:,} done in {res['wall_s']:.0f} s",
@@ -415,6 +445,8 @@ def main() -> None:
     parser.add_argument("--code", help="measure the nbparrot package in this directory instead (e.g. an older commit "
                                        "unpacked with git archive)")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="the mock server's latency (default 0)")
+    parser.add_argument("--quiet-wait", type=float, default=0.0,
+                        help="before each cell wait up to this many seconds for both cores to be nearly idle")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--client", choices=CLIENTS, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
