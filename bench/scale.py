@@ -39,7 +39,8 @@ Measured in the worker, on the loop that runs the batch:
 * "own CPU" stalls: the machine is shared, and a wake-up is also late when the core ran another
   process. For each wake-up the worker also takes the CPU time of its own process (all threads,
   pinned to one core) over the interval: lateness beyond what it spent on the CPU itself is not
-  counted there;
+  counted there; "without a full GC": the largest stall with no generation-2 collection starting
+  inside it;
 * correctness: every answer must start with ``[<expected_tag(its own messages)>]``.
 
 Each worker has a deadline (``--deadline``, default 280 s): at the deadline it cancels the run,
@@ -105,7 +106,7 @@ class Heartbeat:
     def __init__(self, watch: Any = None):
         self.late: list[float] = []
         self.own_late: list[float] = []
-        self.stalls: list[tuple[float, float, float]] = []  # (s since the start, ms late, of which own CPU) per stall
+        self.stalls: list[tuple[float, float, float]] = []  # (perf_counter at the sleep, s late, of which own CPU)
         self.rss_max = 0
         self.watch, self.watched_at = watch, None
         self._task = None
@@ -119,10 +120,9 @@ class Heartbeat:
         import asyncio
 
         loop = asyncio.get_running_loop()
-        first = loop.time()
         cpu = time.process_time
         while True:
-            before, cpu_before = loop.time(), cpu()
+            before, cpu_before, wall = loop.time(), cpu(), time.perf_counter()
             await asyncio.sleep(BEAT)
             now, late = loop.time(), loop.time() - before - BEAT
             # the part of the lateness this process spent on the CPU (all its threads, pinned to one core):
@@ -131,7 +131,7 @@ class Heartbeat:
             self.late.append(late)
             self.own_late.append(own)
             if late > STALL:
-                self.stalls.append((round(before - first, 3), round(1000 * late, 1), round(1000 * own, 1)))
+                self.stalls.append((wall, late, own))
             self.rss_max = max(self.rss_max, _rss())
             if self.watch is not None and self.watched_at is None and self.watch():
                 self.watched_at = time.perf_counter()
@@ -143,14 +143,21 @@ class Heartbeat:
         await asyncio.gather(self._task, return_exceptions=True)
         self.rss_max = max(self.rss_max, _rss())
 
-    def figures(self) -> dict:
+    def figures(self, gc_timer: "GcTimer", t0: float) -> dict:
         late = sorted(self.late) or [0.0]
         own = sorted(self.own_late) or [0.0]
+        # a stall with a full collection inside it, or without one
+        with_gc = [any(wall <= at <= wall + BEAT + lateness for at in gc_timer.at) for wall, lateness, _ in self.stalls]
+        no_gc = [lateness for (_, lateness, _), g in zip(self.stalls, with_gc) if not g]
+        biggest = sorted(zip(self.stalls, with_gc), key=lambda x: -x[0][1])[:30]
         return {"beats": len(self.late), "stall_max_ms": 1000 * late[-1],
                 "stalls_over_50ms": sum(x > STALL for x in late),
                 "own_stall_max_ms": 1000 * own[-1], "own_stalls_over_50ms": sum(x > STALL for x in own),
                 "late_p99_ms": 1000 * late[min(len(late) - 1, int(0.99 * len(late)))],
-                "late_p50_ms": 1000 * late[len(late) // 2], "stalls": self.stalls[:50]}
+                "late_p50_ms": 1000 * late[len(late) // 2],
+                "stall_max_without_gc_ms": 1000 * max(no_gc, default=0.0), "stalls_without_gc": len(no_gc),
+                "largest_stalls": [(round(wall - t0, 3), round(1000 * lateness, 1), round(1000 * o, 1), g)
+                                   for (wall, lateness, o), g in biggest]}
 
 
 class GcTimer:
@@ -160,7 +167,6 @@ class GcTimer:
         self.pauses: list[float] = []
         self.at: list[float] = []
         self._t0 = 0.0
-        self._first = time.perf_counter()
 
     def __call__(self, phase: str, info: dict) -> None:
         if info.get("generation") != 2:
@@ -169,12 +175,12 @@ class GcTimer:
             self._t0 = time.perf_counter()
         else:
             self.pauses.append(time.perf_counter() - self._t0)
-            self.at.append(round(self._t0 - self._first, 3))
+            self.at.append(self._t0)
 
     def figures(self) -> dict:
         return {"gc_full_collections": len(self.pauses),
                 "gc_full_max_ms": 1000 * max(self.pauses, default=0.0),
-                "gc_full": [(a, round(1000 * p, 1)) for a, p in zip(self.at, self.pauses)][:50]}
+                "gc_full_largest": sorted((round(1000 * p, 1) for p in self.pauses), reverse=True)[:10]}
 
 
 def worker(ns: argparse.Namespace) -> dict:
@@ -196,6 +202,8 @@ def worker(ns: argparse.Namespace) -> dict:
     out: dict[str, Any] = {"client": ns.client, "n": n, "concurrency": ns.concurrency}
     gc_timer = GcTimer()
 
+    busy0, span0, span_cpu0 = base._cpu_busy(), time.perf_counter(), base._rusage()[0]
+
     async def main() -> list:
         loop = asyncio.get_running_loop()
         answers: Any = None
@@ -207,6 +215,7 @@ def worker(ns: argparse.Namespace) -> dict:
             beat.start()
             await asyncio.sleep(0.05)  # the heartbeat is going
             cpu0, t0 = base._rusage()[0], time.perf_counter()
+            out["_t0"] = t0
             run = holder["run"] = nbparrot.map(df, TEMPLATE, system=SYSTEM, base_url=ns.base_url, api_key=API_KEY,
                                                concurrency=ns.concurrency, max_tokens=MAX_TOKENS, **extra)
             t_call = time.perf_counter()
@@ -238,6 +247,7 @@ def worker(ns: argparse.Namespace) -> dict:
             beat.start()
             await asyncio.sleep(0.05)
             cpu0, t0 = base._rusage()[0], time.perf_counter()
+            out["_t0"] = t0
             answers = [None] * n
             errors: list[str] = []
             session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=ns.concurrency),
@@ -288,7 +298,7 @@ def worker(ns: argparse.Namespace) -> dict:
             out.update(status="deadline" if out.get("deadline_hit") else "finished", wall_s=t1 - t0,
                        cpu_s=cpu1 - cpu0, requests=sent + len(errors), done=sent, failed=len(errors),
                        first_errors=sorted(set(errors))[:3], result_s=None, preparing_s=None)
-        out.update(beat.figures())
+        out.update(beat.figures(gc_timer, out.pop("_t0")))
         out.update(gc_timer.figures())
         out["rss_base_mb"] = rss_base / 2**20
         out["rss_peak_run_mb"] = beat.rss_max / 2**20
@@ -297,6 +307,10 @@ def worker(ns: argparse.Namespace) -> dict:
         return answers
 
     answers = asyncio.run(main())
+    busy1 = base._cpu_busy()
+    out["total_s"], out["worker_cpu_s"] = time.perf_counter() - span0, base._rusage()[0] - span_cpu0
+    # CPU time each core gave to anything over the cell (the worker is on CPU 0, the server on CPU 1)
+    out["busy_s"] = {k: busy1[k] - busy0[k] for k in busy1 if k in busy0}
     ok = wrong = missing = 0
     for i, (id_, text) in enumerate(zip(df["id"].tolist(), df["text"].tolist())):
         answer = answers[i]
@@ -313,6 +327,20 @@ def worker(ns: argparse.Namespace) -> dict:
 
 
 # =========================================================================== parent
+
+
+def wait_for_quiet(limit: float, share: float = 0.15) -> float:
+    """Wait (at most ``limit`` seconds) until both cores were less than ``share`` busy over 3 s; returns the
+    last busy share seen. The machine is shared: a cell started while others run their benchmarks
+    measures them too."""
+    end = time.monotonic() + limit
+    while True:
+        before = base._cpu_busy()
+        time.sleep(3.0)
+        after = base._cpu_busy()
+        busy = max(((after[k] - before[k]) / 3.0 for k in after if k in before), default=0.0)
+        if busy < share or time.monotonic() >= end:
+            return busy
 
 
 def spawn(args: list[str], deadline: float, tmp: Path, name: str, code: Path = ROOT) -> dict:
@@ -344,18 +372,19 @@ def _f(value: Any, fmt: str) -> str:
 
 def table(results: list[dict]) -> str:
     head = ("| client | N | start call ms | status at return | preparing s | largest stall ms | stalls > 50 ms "
-            "| largest stall, own CPU ms | > 50 ms, own CPU | p99 late ms | full GCs (max ms) | RSS/row B | peak RSS MB (base) | wall s | CPU µs/req | rows ok / wrong "
+            "| largest stall, own CPU ms | > 50 ms, own CPU | largest stall without a full GC ms | p99 late ms | full GCs (max ms) | other load CPU0 / CPU1 | RSS/row B | peak RSS MB (base) | wall s | CPU µs/req | rows ok / wrong "
             "/ unanswered | result() s | status |")
-    lines = [head, "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
+    lines = [head, "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|---:|---|"]
     for r in results:
         if "wall_s" not in r:
-            lines.append(f"| {r.get('client')} | {r.get('n', 0):,} | {r.get('status')} |" + " |" * 15)
+            lines.append(f"| {r.get('client')} | {r.get('n', 0):,} | {r.get('status')} |" + " |" * 17)
             continue
         lines.append(
             f"| {r['client']} | {r['n']:,} | {_f(r.get('start_call_ms'), '{:.1f}')} | {r.get('status_at_return', '–')} "
             f"| {_f(r.get('preparing_s'), '{:.2f}')} | {r['stall_max_ms']:.1f} | {r['stalls_over_50ms']} "
-            f"| {r['own_stall_max_ms']:.1f} | {r['own_stalls_over_50ms']} "
+            f"| {r['own_stall_max_ms']:.1f} | {r['own_stalls_over_50ms']} | {r['stall_max_without_gc_ms']:.1f} "
             f"| {r['late_p99_ms']:.1f} | {r['gc_full_collections']} ({r['gc_full_max_ms']:.0f}) "
+            f"| {_f(r.get('other_load_client_core'), '{:.0%}')} / {_f(r.get('other_load_server_core'), '{:.0%}')} "
             f"| {r['rss_per_row_bytes']:,.0f} | {r['rss_peak_run_mb']:,.0f} ({r['rss_base_mb']:,.0f}) | {r['wall_s']:.1f} "
             f"| {r['cpu_us_per_req']:,.0f} | {r['ok']:,} / {r['wrong']:,} / {r['unanswered']:,} "
             f"| {_f(r.get('result_s'), '{:.2f}')} | {r['status']}{' (deadline)' if r.get('deadline_hit') else ''} |")
@@ -379,11 +408,20 @@ def parent(ns: argparse.Namespace) -> None:
             for client in clients:
                 name = f"{client}-{n}"
                 server.reset()
+                quiet = wait_for_quiet(ns.quiet_wait) if ns.quiet_wait else None
+                server_cpu0 = server.stats()["cpu_seconds"]
                 print(f"- {name} ...", end=" ", flush=True, file=sys.stderr)
                 res = spawn(["--worker", "--client", client, "--n", str(n), "--concurrency", str(ns.concurrency),
                              "--base-url", server.base_url], ns.deadline, Path(tmpdir), name,
                             Path(ns.code).resolve() if ns.code else ROOT)
-                res.update(client=client, n=n)
+                res.update(client=client, n=n, busy_before_start=quiet)
+                if "wall_s" in res:
+                    res["server_cpu_s"] = server.stats()["cpu_seconds"] - server_cpu0
+                    busy, span = res.get("busy_s") or {}, res["total_s"]
+                    if f"cpu{CLIENT_CPU}" in busy:  # the CPU other processes used on each core during the cell
+                        res["other_load_client_core"] = max(0.0, busy[f"cpu{CLIENT_CPU}"] - res["worker_cpu_s"]) / span
+                    if f"cpu{SERVER_CPU}" in busy:
+                        res["other_load_server_core"] = max(0.0, busy[f"cpu{SERVER_CPU}"] - res["server_cpu_s"]) / span
                 if "wall_s" in res:
                     print(f"start {_f(res.get('start_call_ms'), '{:.1f}')} ms, stall max {res['stall_max_ms']:.0f} ms, "
                           f"{res['rss_per_row_bytes']:.0f} B/row, {res['done']:,}/{n:,} done in {res['wall_s']:.0f} s",
@@ -407,6 +445,8 @@ def main() -> None:
     parser.add_argument("--code", help="measure the nbparrot package in this directory instead (e.g. an older commit "
                                        "unpacked with git archive)")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="the mock server's latency (default 0)")
+    parser.add_argument("--quiet-wait", type=float, default=0.0,
+                        help="before each cell wait up to this many seconds for both cores to be nearly idle")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--client", choices=CLIENTS, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)

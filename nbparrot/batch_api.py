@@ -13,6 +13,11 @@ The batch ids are written to the cache database as soon as they exist, keyed by 
 batch instead of paying twice. Cancel cancels the remote batches. Re-asks for answers that do
 not match a schema need another round trip, so in batch mode such rows simply fail, their
 text kept.
+
+A batch is planned (every row rendered, keyed, looked up in the cache and costed) before
+``map`` returns, in a notebook too: its ``max_cost`` check needs the whole estimate, and the
+JSONL files hold every line at once anyway. Batch mode is not built for a million rows in
+one kernel the way a live run is.
 """
 
 from __future__ import annotations

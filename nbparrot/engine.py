@@ -59,6 +59,7 @@ _RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 PAUSE_SHOWN = 2.0  # seconds: a dispatch pause at least this long is shown, with its reason, in the views
 PLAN_SLICE = 0.008  # seconds of planning between two yields to the loop
 LOOKUP_KEYS = 400  # keys per Cache.get_many call while planning
+FAN_OUT = 32  # requests the dispatcher starts before it lets the loop run them (the fan-out after the probe)
 
 
 class Progress:
@@ -319,7 +320,8 @@ class Engine:
         return True
 
     async def run(self) -> list[Outcome]:
-        """Send every row; returns the outcomes (also on cancel, where unfinished rows say so)."""
+        """Plan what is not planned yet (``prepare``), then send every row; returns the outcomes
+        (also on cancel, where unfinished rows say so)."""
         loop = self._loop = asyncio.get_running_loop()
         progress = self.progress
         if progress.started is None:
@@ -353,6 +355,7 @@ class Engine:
     async def _dispatch(self) -> None:
         loop, pacer, pending = self._loop, self.pacer, self._pending
         budget = self.settings.max_cost
+        started = 0
         while self._unsettled and self.fatal is None:
             if self.budget_stop is not None:
                 if not self._in_flight:
@@ -387,6 +390,9 @@ class Engine:
             task = loop.create_task(self._attempt(row, mark))
             self._tasks[task] = row
             task.add_done_callback(self._task_done)
+            started += 1
+            if started % FAN_OUT == 0:  # let these begin before starting more: no 256-request burst in one loop pass
+                await asyncio.sleep(0)
 
     def _affordable(self, row: int, tokens: int, budget: float) -> bool:
         """Book the most this request can cost, unless spend plus what is in flight would pass the budget.

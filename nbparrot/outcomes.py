@@ -3,10 +3,11 @@
 ``Outcomes`` holds what happened to every request of a run in flat columns: the status, attempt
 and token counts, latency and the cached flag in ``bytearray`` / ``array`` columns, and the
 answers, parsed values and error texts in dicts keyed by row (one per chunk of rows), which
-hold only the rows that have one. None of these is a container the cyclic garbage collector has to walk item by item (a dict
-of ``int -> str`` is not even tracked), so a full collection during a 1,000,000-row run costs what
-it would cost without the run, instead of a pass over a million ``Outcome`` objects (about
-250 ms measured on the 2-core bench machine: a stall of the whole notebook).
+hold only the rows that have one. None of these is a container the cyclic garbage collector
+has to walk item by item (a dict of ``int -> str`` is not even tracked), so a full collection
+during a 1,000,000-row run costs what it would cost without the run, instead of a pass over a
+million ``Outcome`` objects (about 250 ms measured on the 2-core bench machine: a stall of the
+whole notebook).
 
 The number columns are cut in chunks of 65,536 rows, each allocated when a row in it is first
 written: creating the outcomes of a million rows costs well under a millisecond (one flat 8-byte
@@ -125,7 +126,7 @@ class Outcomes:
         self.finish = bytearray(n)  # index into finish_values; 0 = None
         self.finish_values: list[Any] = [None]
         self.finish_codes: dict[Any, int] = {}
-        self.finish_other: dict[int, Any] = {}  # e.g. one list per row when n > 1
+        self.finish_other = Sparse(n)  # e.g. one list per row when n > 1
         self.tokens_other: dict[tuple[str, int], Any] = {}  # token counts that are not ints (never seen)
 
     def __len__(self) -> int:
@@ -291,7 +292,7 @@ class Outcome:
     def finish_reason(self, value: Any) -> None:
         store, row = self._s, self._r
         if store.finish[row] == _OTHER:
-            store.finish_other.pop(row, None)
+            store.finish_other.set(row, None)
         if value is None:
             store.finish[row] = 0
             return
@@ -305,7 +306,7 @@ class Outcome:
                 store.finish_values.append(value)
         if code is None:
             store.finish[row] = _OTHER
-            store.finish_other[row] = value
+            store.finish_other.set(row, value)
         else:
             store.finish[row] = code
 

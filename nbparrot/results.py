@@ -177,7 +177,8 @@ class ColumnSink:
 
     def begin(self) -> None:
         """Set up the column once the run is sure to start: rows already answered (from the
-        cache) filled in, the others NA; then follow the answers as they land."""
+        cache, when planning is done) filled in, the others NA; then follow the answers as they
+        land, cached ones included when planning settles them after the start."""
         import numpy as np
 
         outcomes = self.run.outcomes
