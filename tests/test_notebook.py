@@ -133,7 +133,7 @@ def test_result_before_the_end_says_to_await_and_column_assignment_is_refused(ke
     kernel.execute("run.cancel()", check=True)
 
 
-@pytest.mark.parametrize("name", ["quickstart", "extraction", "prompt_iteration"])
+@pytest.mark.parametrize("name", ["quickstart", "extraction", "prompt_iteration", "operators"])
 def test_example_notebooks_pass_run_all(kernel, name):
     """Every cell queued at once, as Run All does: cells after the background run and the await all answer."""
     import nbformat
@@ -150,9 +150,13 @@ def test_example_notebooks_pass_run_all(kernel, name):
     elif name == "prompt_iteration":
         assert kernel.eval("[int(reviews['sentiment'].notna().sum()), trial.status, compared.status]") == \
             [300, "finished", "finished"]
-    else:
+    elif name == "extraction":
         assert kernel.eval("[int(contacts['seniority'].notna().sum()), len(qa) > 4, sorted(set(qa['title']))]") == \
             [3, True, ["Bees", "Owls"]]
+    else:
+        assert kernel.eval("[list(refunds.index), str(tickets.loc[111, 'topic']), list(hits['title'])[0], "
+                           "len(suggested) > 0, budget_run.status, int(tickets['priority'].notna().sum())]") == \
+            [[101, 103, 106, 109, 112, 116], "account", "Refunds", True, "stopped", 15]
 
 
 def test_confirm_over_asks_in_the_panel_before_any_request(kernel, make_server):
