@@ -59,7 +59,9 @@ import numpy as np
 
 from ..api import launch, resolve
 from ..cache import CachedAnswer, request_key
-from ..engine import PLAN_SLICE, Engine, _describe, _Keys, _Queue
+from ..engine import PLAN_SLICE, Engine
+from ..engine.columns import _Keys, _Queue
+from ..engine.words import _describe
 from ..errors import BudgetExceededError, ConfigError, FatalError, NbparrotError, TemplateError, error_fields, fatal_error
 from ..errors import describe_error, redact_url
 from ..options import RUN, check_options, takes_options
