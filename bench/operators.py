@@ -1,7 +1,8 @@
-"""Benchmarks of the embedding operators: embed, search, sim_join (bundled server, loopback only).
+"""Benchmarks of the operators: embed, search, sim_join, and filter / classify against map (bundled server, loopback only).
 
-    .venv/bin/python bench/operators.py                 # everything (~5-10 min on 2 cores)
-    .venv/bin/python bench/operators.py --parts embed   # one part: embed, search, join
+    .venv/bin/python bench/operators.py                 # everything (~10-17 min on 2 cores)
+    .venv/bin/python bench/operators.py --parts embed   # one part: embed, search, join, decide
+    .venv/bin/python bench/operators.py --parts decide --profile-dir /tmp/prof   # + cProfile dumps
     .venv/bin/python bench/operators.py --out bench/operators.json
 
 The server (``ServerProcess(cpu=1)``) is pinned to CPU 1; every timed phase runs in a fresh worker
@@ -23,6 +24,18 @@ measures work on cached vectors.
   Server latency 0 (the query's round trip to the local server is in the figure).
 - **join**: ``sim_join`` of 20,000 x 100,000 rows already embedded at 256 dimensions, top-1: wall,
   CPU, and extra peak memory (``ru_maxrss`` at the end minus the RSS just before the call).
+- **decide** (``--parts decide``): ``map``, ``filter`` (``mask=True``), ``classify`` (4 labels) and
+  ``classify(confidence=True)`` on the same DataFrame of bench.py's part-1 rows (440-character user
+  prompts; map keeps bench.py's 58-character system prompt, filter/classify send their own
+  instruction as the system message), model ``mock``, concurrency 256, ``max_tokens=64``, server
+  latency 50 ms and 16 completion tokens for free text; 5,000 and 20,000 rows, cache ``"off"`` and
+  cache on in a fresh directory per worker. Timed: the call, ``run.result()`` (the shaping) and the
+  cache's flush; reported: CPU us per request (getrusage user+sys of the worker, all threads),
+  wall / theory (theory = N x 0.05 s / 256), and the ratio of each operator's CPU per request to
+  map's in the same cell. ``--repeat`` runs (default 2), interleaved; each figure is the fastest run
+  (lowest CPU and lowest wall, taken separately). Every decision is checked against the server's
+  rule (``expected_decision`` / ``expected_label``). ``--profile-dir DIR`` writes a cProfile dump
+  of each worker's timed phase.
 """
 
 from __future__ import annotations
@@ -215,16 +228,99 @@ def w_join(ns: argparse.Namespace) -> dict:
             "extra_peak_mb": (peak - rss0) / 2 ** 20, "rss_before_mb": rss0 / 2 ** 20}
 
 
-WORKERS = {"setup": w_setup, "embed": w_embed, "map": w_map, "search": w_search, "join": w_join}
+DECIDE_OPS = ("map", "filter", "classify", "classify-conf")
+DECIDE_NS = (5_000, 20_000)
+DECIDE_CACHES = ("off", "on")
+DECIDE_CONCURRENCY = 256
+DECIDE_LATENCY_MS = 50.0
+DECIDE_COMPLETION_TOKENS = 16  # bench.py part 1: free-text answers of 16 tokens
+DECIDE_MODEL = "mock"
+DECIDE_LABELS = ["billing", "shipping", "returns", "other"]
+
+
+def w_decide(ns: argparse.Namespace) -> dict:
+    """One decide cell: map / filter / classify / classify(confidence) over bench.py's part-1 rows."""
+    import gc
+
+    sys.path.insert(0, str(HERE))
+    import bench  # noqa: E402 - bench.py's workload, as it is
+    import pandas as pd
+
+    import nbparrot
+    from nbparrot.api import open_cache
+    from nbparrot.server import expected_tag
+    from nbparrot.server.decisions import expected_decision, expected_label
+
+    data = bench.throughput_rows(ns.n)
+    frame = pd.DataFrame(data)
+    users = [bench.TP_TEMPLATE.format(**row) for row in data]
+    common: dict[str, Any] = dict(base_url=ns.base_url, api_key=KEY, model=DECIDE_MODEL,
+                                  concurrency=DECIDE_CONCURRENCY, max_tokens=bench.MAX_TOKENS, progress=False)
+    cache = None
+    if ns.cache == "off":
+        common["cache"] = "off"
+    else:
+        cache = open_cache()
+        cache.info()  # the file exists before the clock starts, as it would in a session
+    profiler = None
+    if ns.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+    gc.collect()
+    stop = _window()
+    if profiler:
+        profiler.enable()
+    if ns.op == "map":
+        run = nbparrot.map(frame, bench.TP_TEMPLATE, system=bench.TP_SYSTEM, **common)
+    elif ns.op == "filter":
+        run = nbparrot.filter(frame, bench.TP_TEMPLATE, mask=True, **common)
+    else:
+        run = nbparrot.classify(frame, bench.TP_TEMPLATE, DECIDE_LABELS, confidence=ns.op == "classify-conf",
+                                **common)
+    result = run.result()
+    if cache is not None:
+        cache.flush()
+    if profiler:
+        profiler.disable()
+    timed = stop()
+    if profiler:
+        profiler.dump_stats(ns.profile)
+    # every answer checked against the server's rule for its own row
+    if ns.op == "map":
+        expected = [expected_tag([{"role": "system", "content": bench.TP_SYSTEM}, {"role": "user", "content": u}])
+                    for u in users]
+        got = [a.startswith(f"[{tag}]") if isinstance(a, str) else None for a, tag in zip(result.tolist(), expected)]
+    elif ns.op == "filter":
+        got = [None if pd.isna(v) else bool(v) == expected_decision(u) for v, u in zip(result.tolist(), users)]
+    else:
+        labels = result["label"] if isinstance(result, pd.DataFrame) else result
+        got = [None if pd.isna(v) else v == expected_label(u, DECIDE_LABELS) for v, u in zip(labels.tolist(), users)]
+    out = {"op": ns.op, "n": ns.n, "cache": ns.cache, "nbparrot_from": str(Path(nbparrot.__file__).parent),
+           "status": run.status, "requests": run.progress.requests,
+           "cached": run.progress.cached, **timed, "cpu_us_per_req": timed["cpu_s"] / ns.n * 1e6,
+           "ok": sum(g is True for g in got), "wrong": sum(g is False for g in got),
+           "failed": sum(g is None for g in got), "peak_rss_mb": _rusage()[1] / 2 ** 20}
+    if ns.op == "classify-conf":
+        conf = result["confidence"]
+        out["confidence_missing"] = int(conf.isna().sum())
+    return out
+
+
+WORKERS = {"setup": w_setup, "embed": w_embed, "map": w_map, "search": w_search, "join": w_join,
+           "decide": w_decide}
 
 
 # ---- parent ---------------------------------------------------------------------------------
 
 
+SRC = ROOT  # the directory the workers (and the server) import nbparrot from; --commit changes it
+
+
 def spawn(ns_args: list[str], cache: Path, log: Path) -> dict:
     result = log.with_suffix(".json")
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = str(SRC) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["NBPARROT_CACHE_DIR"] = str(cache)
     env["OPENBLAS_NUM_THREADS"] = env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = "1"
     env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
@@ -242,9 +338,89 @@ def spawn(ns_args: list[str], cache: Path, log: Path) -> dict:
     return {"status": f"worker {code}", "log": tail}
 
 
+def run_decide(ns: argparse.Namespace, tmp: Path) -> dict:
+    """The decide part: every (n, cache, op) cell ``ns.repeat`` times, interleaved; fastest of each."""
+    from nbparrot.server import ServerProcess
+
+    profile_dir = Path(ns.profile_dir) if ns.profile_dir else None
+    if profile_dir:
+        profile_dir.mkdir(parents=True, exist_ok=True)
+    ns_list = tuple(ns.decide_ns or DECIDE_NS)
+    cells = [(n, cache, op) for n in ns_list for cache in DECIDE_CACHES for op in DECIDE_OPS]
+    runs: dict[tuple, list[dict]] = {cell: [] for cell in cells}
+    load0 = os.getloadavg()
+    with ServerProcess(cpu=SERVER_CPU, latency_ms=DECIDE_LATENCY_MS, completion_tokens=DECIDE_COMPLETION_TOKENS,
+                       max_lifetime=3600.0) as server:
+        for rep in range(max(1, ns.repeat)):  # interleaved: a burst of outside load hits one run of a cell
+            for n, cache, op in cells:
+                name = f"decide-{op}-{n}-cache{cache}-r{rep}"
+                server.reset()
+                before = server.stats()
+                args = ["decide", "--op", op, "--n", str(n), "--cache", cache, "--base-url", server.base_url]
+                if profile_dir:
+                    args += ["--profile", str(profile_dir / f"{name}.prof")]
+                res = spawn(args, tmp / f"cache-{name}", tmp / f"{name}.log")
+                after = server.stats()
+                res.update(op=op, n=n, cache=cache, run=rep, server_requests=after["requests"],
+                           server_cpu_s=after["cpu_seconds"] - before["cpu_seconds"])
+                if "wall_s" in res:
+                    res["theory_s"] = n * DECIDE_LATENCY_MS / 1000.0 / DECIDE_CONCURRENCY
+                    res["wall_over_theory"] = res["wall_s"] / res["theory_s"]
+                    print(f"- {name}: {res['cpu_us_per_req']:.0f} us/req, {res['wall_over_theory']:.2f}x theory, "
+                          f"other load {100 * res['other_load']:.0f} %, ok {res['ok']}/{n}, "
+                          f"{res['server_requests']} requests", file=sys.stderr)
+                runs[(n, cache, op)].append(res)
+    cells_out = []
+    for (n, cache, op), cell_runs in runs.items():
+        good = [r for r in cell_runs if "wall_s" in r]
+        cell: dict[str, Any] = {"op": op, "n": n, "cache": cache, "runs": cell_runs}
+        if good:
+            best_cpu = min(good, key=lambda r: r["cpu_us_per_req"])
+            best_wall = min(good, key=lambda r: r["wall_s"])
+            cell.update(cpu_us_per_req=best_cpu["cpu_us_per_req"], wall_s=best_wall["wall_s"],
+                        wall_over_theory=best_wall["wall_over_theory"], theory_s=best_wall["theory_s"],
+                        other_load=[r["other_load"] for r in good], ok=min(r["ok"] for r in good),
+                        wrong=max(r["wrong"] for r in good), failed=max(r["failed"] for r in good),
+                        requests=max(r["server_requests"] for r in good))
+        cells_out.append(cell)
+    for cell in cells_out:
+        base = next((c for c in cells_out if c["op"] == "map" and c["n"] == cell["n"] and c["cache"] == cell["cache"]),
+                    None)
+        if base and "cpu_us_per_req" in base and "cpu_us_per_req" in cell:
+            cell["cpu_ratio_to_map"] = cell["cpu_us_per_req"] / base["cpu_us_per_req"]
+    import nbparrot
+
+    return {"machine": _machine(), "nbparrot_from": str(Path(nbparrot.__file__).parent), "loadavg_before": load0, "loadavg_after": os.getloadavg(),
+            "concurrency": DECIDE_CONCURRENCY, "latency_ms": DECIDE_LATENCY_MS, "model": DECIDE_MODEL,
+            "labels": DECIDE_LABELS, "repeat": max(1, ns.repeat), "cells": cells_out}
+
+
+def decide_table(part: dict) -> str:
+    lines = ["| N | cache | operator | CPU µs/req | ratio to map | wall s | wall/theory | requests | ok / wrong / failed "
+             "| other load on CPU 0 (per run) |", "|---:|---|---|---:|---:|---:|---:|---:|---|---|"]
+    for c in part["cells"]:
+        if "cpu_us_per_req" not in c:
+            lines.append(f"| {c['n']:,} | {c['cache']} | {c['op']} | failed |" + " |" * 6)
+            continue
+        ratio = c.get("cpu_ratio_to_map")
+        lines.append(f"| {c['n']:,} | {c['cache']} | {c['op']} | {c['cpu_us_per_req']:.0f} | "
+                     f"{'–' if ratio is None else f'{ratio:.2f}×'} | {c['wall_s']:.2f} | {c['wall_over_theory']:.2f}× | "
+                     f"{c['requests']:,} | {c['ok']} / {c['wrong']} / {c['failed']} | "
+                     f"{' / '.join(f'{100 * x:.0f} %' for x in c['other_load'])} |")
+    return "\n".join(lines)
+
+
+def _machine() -> dict:
+    return {"python": platform.python_version(), "cpus": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "git": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                  capture_output=True, text=True).stdout.strip()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", nargs="*", default=["embed", "search", "join"])
+    parser.add_argument("--parts", nargs="*", default=["embed", "search", "join", "decide"],
+                        choices=["embed", "search", "join", "decide"])
     parser.add_argument("--out", default=str(HERE / "operators.json"))
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--left", type=int, default=20_000)
@@ -254,19 +430,41 @@ def main() -> None:
     parser.add_argument("--dims", type=int, default=None)
     parser.add_argument("--base-url", default="")
     parser.add_argument("--result", default="")
+    parser.add_argument("--repeat", type=int, default=2, help="decide: runs per cell, interleaved (fastest kept)")
+    parser.add_argument("--decide-ns", type=int, nargs="+", help="decide: row counts (default 5000 20000)")
+    parser.add_argument("--profile-dir", help="decide: write a cProfile dump of each worker's timed phase here")
+    parser.add_argument("--report", metavar="JSON", help="print the decide table of an earlier run and exit")
+    parser.add_argument("--commit", help="measure this commit's nbparrot (exported with git archive to a temporary "
+                        "directory) instead of the working tree, e.g. HEAD while the tree is being edited")
+    parser.add_argument("--op", choices=DECIDE_OPS, help=argparse.SUPPRESS)
+    parser.add_argument("--cache", choices=DECIDE_CACHES, help=argparse.SUPPRESS)
+    parser.add_argument("--profile", help=argparse.SUPPRESS)
     ns = parser.parse_args()
+    if ns.report:
+        print(decide_table(json.loads(Path(ns.report).read_text())["decisions"]))
+        return
     if ns.worker:
         os.sched_setaffinity(0, {CLIENT_CPU})
         Path(ns.result).write_text(json.dumps(WORKERS[ns.worker](ns)))
         return
 
+    global SRC
+    tmp = Path(tempfile.mkdtemp(prefix="nbparrot-bench-ops-"))
+    commit = None
+    if ns.commit:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", ns.commit], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        SRC = tmp / "src"
+        SRC.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "nbparrot"], capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(SRC)], input=archive, check=True)
+        sys.path.insert(0, str(SRC))
     from nbparrot.server import ServerProcess
 
-    out: dict[str, Any] = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                                       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                       "git": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                                                             capture_output=True, text=True).stdout.strip()}}
-    tmp = Path(tempfile.mkdtemp(prefix="nbparrot-bench-ops-"))
+    out: dict[str, Any] = {}
+    if set(ns.parts) & {"embed", "search", "join"}:
+        out["machine"] = _machine()
     base = ["--n", str(ns.n), "--left", str(ns.left), "--queries", str(ns.queries)]
     if "embed" in ns.parts:
         out["embed"] = []
@@ -306,8 +504,14 @@ def main() -> None:
             res["server_requests"] = server.stats()["embedding_requests"] - before["embedding_requests"]
             out["join"] = res
             print(json.dumps(res))
+    if "decide" in ns.parts:
+        out["decisions"] = {"nbparrot_commit": commit or "working tree", **run_decide(ns, tmp)}
+        print(decide_table(out["decisions"]))
     if ns.out:
-        Path(ns.out).write_text(json.dumps(out, indent=1))
+        # the parts run now replace theirs; the other parts' figures in the file are kept
+        path = Path(ns.out)
+        previous = json.loads(path.read_text()) if path.exists() and path.stat().st_size else {}
+        path.write_text(json.dumps({**previous, **out}, indent=1))
     print(f"logs in {tmp}")
 
 
