@@ -184,9 +184,9 @@ def w_search(ns: argparse.Namespace) -> dict:
         run.result()
         times.append(time.perf_counter() - t)
         assert run.progress.requests == 1 and run.progress.total == 1
-    from nbparrot.operators import embeddings
+    from nbparrot.operators.embeddings import query
 
-    corpus = next(iter(embeddings._memo.values())).matrix
+    corpus = next(iter(query._memo.values())).matrix
     query = corpus[:1].copy()
     for _ in range(5):
         t = time.perf_counter()
