@@ -214,7 +214,7 @@ def w_join(ns: argparse.Namespace) -> dict:
     timed = stop()
     _, peak = _rusage()
     # the ranking alone, again, on the same unit vectors (to split the time between reading and ranking)
-    from nbparrot.operators.embeddings import _frame_corpus
+    from nbparrot.operators.embeddings.query import _frame_corpus
     from nbparrot.operators.similarity import nearest
 
     _, lm, _ = _frame_corpus(run, run.prepared.span("left"))
