@@ -39,6 +39,18 @@ def display_updates(kernel: KernelHarness, cell) -> list[tuple[float, dict]]:
             if m["msg_type"] == "update_display_data" and m["content"].get("transient", {}).get("display_id") in ids]
 
 
+def comparison_table(kernel: KernelHarness, cell) -> str:
+    """The comparison table a ``---`` cell shows once its run ends (waited for, bounded)."""
+    def table():
+        for _, content in display_updates(kernel, cell):
+            html = content["data"].get("text/html", "")
+            if "nbparrot-compare" in html:
+                return html
+        return None
+
+    return wait_until(table, timeout=30, message="no comparison table")
+
+
 def test_one_prompt_streams_into_the_output_after_the_cell_returned(kernel):
     cell = kernel.execute("topic = 'owls'\n", check=True)
     cell = kernel.execute("%%llm -o answer\nTell me about {topic}.", check=True)
@@ -94,15 +106,7 @@ def test_over_a_dataframe_binds_a_run_at_once(kernel):
 def test_compare_variants_side_by_side(kernel):
     kernel.execute("import pandas as pd\ndf = pd.DataFrame({'text': ['a', 'b', 'c', 'd']})", check=True)
     cell = kernel.execute("%%llm --over df --sample 3 -o cmp\nSay {text}\n---\nShout {text}!", check=True)
-
-    def table():
-        for _, content in display_updates(kernel, cell):
-            html = content["data"].get("text/html", "")
-            if "nbparrot-compare" in html:
-                return html
-        return None
-
-    html = wait_until(table, timeout=30, message="no comparison table")
+    html = comparison_table(kernel, cell)
     assert "variant 1" in html and "variant 2" in html and "mean latency" in html and "tokens" in html
     assert html.count("<tr>") == 3 + 3  # header, prompts, usage, and one row per sampled row
     assert html.count("#0] Say ") == 3 and html.count("#0] Shout ") == 3  # one answer per row and variant
@@ -112,15 +116,7 @@ def test_filter_and_classify_variants_side_by_side(kernel):
     kernel.execute("import pandas as pd\ndf = pd.DataFrame({'text': ['a <<yes>>', 'b <<no>>', 'c <<yes>>']})",
                    check=True)
     cell = kernel.execute("%%llm --over df --filter -o kept\n{text}\n---\nIs this true? {text}", check=True)
-
-    def table():
-        for _, content in display_updates(kernel, cell):
-            html = content["data"].get("text/html", "")
-            if "nbparrot-compare" in html:
-                return html
-        return None
-
-    html = wait_until(table, timeout=30, message="no comparison table")
+    html = comparison_table(kernel, cell)
     assert html.count("<td style='text-align:left;vertical-align:top'>true</td>") == 4  # the decisions, not JSON
     assert html.count("<td style='text-align:left;vertical-align:top'>false</td>") == 2
     frame = kernel.execute("res = await kept\nprint(res.shape, res.dtypes.unique().tolist())", check=True, timeout=30)

@@ -9,6 +9,8 @@ import os
 import random
 import time
 
+from typing import Any
+
 from aiohttp import web
 
 from .batches import _Batch, _BatchEndpoints
@@ -18,6 +20,7 @@ from .embeddings import _EmbeddingsEndpoint
 from .files import _FileEndpoints, _StoredFile
 from .limits import _Bucket, _Gate, _Stats, _fault_bands
 from .prompts import _mask_key
+from .wire import _Reject
 
 
 class _MockServer(_Gate, _ChatEndpoint, _EmbeddingsEndpoint, _FileEndpoints, _BatchEndpoints):
@@ -78,6 +81,39 @@ class _MockServer(_Gate, _ChatEndpoint, _EmbeddingsEndpoint, _FileEndpoints, _Ba
             return None
         return (f"Incorrect API key provided: {_mask_key(key)}. You can find your API key at "
                 "https://platform.openai.com/account/api-keys.")
+
+    async def counted(self, handle: Any, request: web.Request) -> web.StreamResponse:
+        """Run a model endpoint's handler with the in-flight counters kept (chat and embeddings)."""
+        stats = self.stats
+        stats.requests += 1
+        stats.in_flight += 1
+        if stats.in_flight > stats.peak_in_flight:
+            stats.peak_in_flight = stats.in_flight
+        try:
+            return await handle(request)
+        finally:
+            stats.in_flight -= 1
+
+    async def accept(self, request: web.Request, parse: Any, started: float,
+                    now: float) -> tuple[Any, Any, web.Response | None]:
+        """The key checked, then the JSON body read and ``parse``d: ``(body, parsed, None)``, or the
+        error response to send instead as ``(None, None, response)``."""
+        auth_error = self.check_auth(request)
+        if auth_error is not None:
+            headers = {**self.limit_headers(now), **self.base_headers(started)}
+            code = "invalid_api_key" if "Incorrect" in auth_error else None
+            return None, None, self.error(401, auth_error, "invalid_request_error", code, None, headers)
+        try:
+            try:
+                body = json.loads(await request.read())
+            except (ValueError, UnicodeDecodeError):
+                raise _Reject(400, "We could not parse the JSON body of your request. (HINT: This likely means you "
+                              "aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, "
+                              "but what was sent was not valid JSON.)", "invalid_request_error", None) from None
+            return body, parse(body), None
+        except _Reject as rej:
+            headers = {**self.limit_headers(now), **self.base_headers(started)}
+            return None, None, self.error(rej.status, rej.message, rej.type, rej.code, rej.param, headers)
 
     # ---- other endpoints
 

@@ -244,15 +244,7 @@ class _ChatEndpoint:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/chat/completions: auth, model, body, context, limiter, faults, latency, answer."""
-        stats = self.stats
-        stats.requests += 1
-        stats.in_flight += 1
-        if stats.in_flight > stats.peak_in_flight:
-            stats.peak_in_flight = stats.in_flight
-        try:
-            return await self._chat(request)
-        finally:
-            stats.in_flight -= 1
+        return await self.counted(self._chat, request)
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         """The body of :meth:`chat` (in-flight accounting lives in the caller)."""
@@ -261,23 +253,9 @@ class _ChatEndpoint:
         cfg = self.config
         stats = self.stats
 
-        auth_error = self.check_auth(request)
-        if auth_error is not None:
-            headers = {**self.limit_headers(now), **self.base_headers(started)}
-            code = "invalid_api_key" if "Incorrect" in auth_error else None
-            return self.error(401, auth_error, "invalid_request_error", code, None, headers)
-
-        try:
-            try:
-                body = json.loads(await request.read())
-            except (ValueError, UnicodeDecodeError):
-                raise _Reject(400, "We could not parse the JSON body of your request. (HINT: This likely means you "
-                              "aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, "
-                              "but what was sent was not valid JSON.)", "invalid_request_error", None) from None
-            req = self.parse_prompt(body)
-        except _Reject as rej:
-            headers = {**self.limit_headers(now), **self.base_headers(started)}
-            return self.error(rej.status, rej.message, rej.type, rej.code, rej.param, headers)
+        body, req, refused = await self.accept(request, self.parse_prompt, started, now)
+        if refused is not None:
+            return refused
 
         model, tag, ptoks = req.model, req.tag, req.ptoks
         stats.received[tag] = stats.received.get(tag, 0) + 1

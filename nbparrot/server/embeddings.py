@@ -206,16 +206,8 @@ class _EmbeddingsEndpoint:
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/embeddings: auth, body, limiter, faults, latency, vectors."""
-        stats = self.stats
-        stats.requests += 1
-        stats.embedding_requests += 1
-        stats.in_flight += 1
-        if stats.in_flight > stats.peak_in_flight:
-            stats.peak_in_flight = stats.in_flight
-        try:
-            return await self._embeddings(request)
-        finally:
-            stats.in_flight -= 1
+        self.stats.embedding_requests += 1
+        return await self.counted(self._embeddings, request)
 
     async def _embeddings(self, request: web.Request) -> web.StreamResponse:
         """The body of :meth:`embeddings` (in-flight accounting lives in the caller)."""
@@ -223,22 +215,9 @@ class _EmbeddingsEndpoint:
         now = time.monotonic()
         cfg = self.config
         stats = self.stats
-        auth_error = self.check_auth(request)
-        if auth_error is not None:
-            headers = {**self.limit_headers(now), **self.base_headers(started)}
-            code = "invalid_api_key" if "Incorrect" in auth_error else None
-            return self.error(401, auth_error, "invalid_request_error", code, None, headers)
-        try:
-            try:
-                body = json.loads(await request.read())
-            except (ValueError, UnicodeDecodeError):
-                raise _Reject(400, "We could not parse the JSON body of your request. (HINT: This likely means you "
-                              "aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, "
-                              "but what was sent was not valid JSON.)", "invalid_request_error", None) from None
-            job = self.parse_embeddings(body)
-        except _Reject as rej:
-            headers = {**self.limit_headers(now), **self.base_headers(started)}
-            return self.error(rej.status, rej.message, rej.type, rej.code, rej.param, headers)
+        _, job, refused = await self.accept(request, self.parse_embeddings, started, now)
+        if refused is not None:
+            return refused
         stats.embedded_inputs += len(job.inputs)
 
         limit_headers: dict[str, str] = {}
