@@ -124,7 +124,7 @@ class Heartbeat:
         while True:
             before, cpu_before, wall = loop.time(), cpu(), time.perf_counter()
             await asyncio.sleep(BEAT)
-            now, late = loop.time(), loop.time() - before - BEAT
+            late = loop.time() - before - BEAT
             # the part of the lateness this process spent on the CPU (all its threads, pinned to one core):
             # time the core gave to other processes (the server is pinned elsewhere) is not counted
             own = max(0.0, min(late, cpu() - cpu_before - BEAT))
