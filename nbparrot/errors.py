@@ -35,7 +35,11 @@ __all__ = [
 
 
 class NbparrotError(Exception):
-    """Base class of every error nbparrot raises."""
+    """Base class of every error nbparrot raises.
+
+    An error that stopped a run carries it as ``run`` (``err.run.partial()``, ``err.run.errors``)."""
+
+    run = None  # the Run this error stopped, when it stopped one
 
 
 class ConfigError(NbparrotError, ValueError):

@@ -175,6 +175,11 @@ class _Ticker:
         """Show the final state."""
 
 
+def _fit(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters, ending in an ellipsis when cut (counts come first, notes last)."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 class TextLine(_Ticker):
     """A one-line progress display on stderr (rewritten in place on a terminal)."""
 
@@ -197,9 +202,20 @@ class TextLine(_Ticker):
         parts.append(_fmt_secs(s["elapsed"]))
         if s["eta"] is not None:
             parts.append(f"ETA {_fmt_secs(s['eta'])}")
+        if s["retrying"] and s["last_error"] and s["status"] == "running":
+            parts.append(f"retrying: {s['last_error']}")  # what is wrong, while it is being retried
         if s["note"]:
             parts.append(s["note"])
-        return " · ".join(parts)
+        return _fit(" · ".join(parts), self.width)
+
+    @property
+    def width(self) -> int:
+        """Columns the line may take: the terminal's (one spare, so it never wraps), else 80."""
+        if not self._tty:
+            return 80
+        import shutil
+
+        return max(40, shutil.get_terminal_size((80, 24)).columns - 1)
 
     def refresh(self) -> None:
         text = self.line()

@@ -110,6 +110,8 @@ class Run:
             before()
         if loop is None:
             self._run_here()
+            if self.error is not None:  # a script must not go on as if it had answers: raise, as await would
+                raise self._with_run(self.error)
         else:
             self._start_on(loop)
         return self
@@ -309,11 +311,19 @@ class Run:
                 f"run {self.id} is still going ({self.progress.settled}/{self.progress.total} rows settled): "
                 "use `result = await run` in a notebook cell, or check run.done()")
         if self.error is not None:
-            raise self.error
+            raise self._with_run(self.error)
         if self._cancel_requested and self.progress.cancelled:
             warnings.warn(f"run {self.id} was cancelled: {self.progress.done} of {self.progress.total} rows "
                           f"answered; the other {self.progress.total - self.progress.done} are NA", stacklevel=2)
         return self.partial()
+
+    def _with_run(self, error: BaseException) -> BaseException:
+        """``error`` with this run attached as ``error.run`` (its finished rows stay reachable)."""
+        try:
+            error.run = self  # type: ignore[attr-defined]
+        except AttributeError:  # an exception type that takes no attributes: raised as it is
+            pass
+        return error
 
     def partial(self) -> Any:
         """Whatever is answered so far, in the input's shape (unanswered rows NA), at any time."""
@@ -360,16 +370,23 @@ class Run:
 
     # ---- guards and display -------------------------------------------------------------
 
-    def _values(self) -> list:
+    def _finished_result(self) -> Any:
         if not self.done():
             raise RunNotFinishedError(
                 f"run {self.id} has not finished, so it has no values yet: `await` it first "
                 "(e.g. `df['answer'] = await run`), or pass into='answer' to fill a column as rows land")
-        result = self.result()
+        return self.result()
+
+    def _values(self) -> list:
+        result = self._finished_result()
         return list(result) if not hasattr(result, "tolist") else result.tolist()
 
     def __iter__(self):
         return iter(self._values())
+
+    def __getitem__(self, key: Any) -> Any:
+        """``run[k]`` is ``run.result()[k]`` (a finished run only): a Series label, a column, a record."""
+        return self._finished_result()[key]
 
     def __len__(self) -> int:
         return len(self._values())
