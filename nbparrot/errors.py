@@ -41,6 +41,10 @@ class NbparrotError(Exception):
 
     run = None  # the Run this error stopped, when it stopped one
 
+    def __reduce__(self):  # pickled (e.g. from a dask worker) without its run, which holds a loop and a session
+        state = {k: v for k, v in self.__dict__.items() if k != "run"}
+        return self.__class__, self.args, state or None
+
 
 class ConfigError(NbparrotError, ValueError):
     """A bad argument or setting, found before any request was sent."""

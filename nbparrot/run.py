@@ -4,7 +4,8 @@ Inside a running event loop (a Jupyter kernel runs every cell inside one) the ba
 as a task on that very loop and the call returns at once: the panel shows progress, a later
 cell can ``await run``, and the Cancel button stops it. Outside a loop (a script, plain
 ``python``, the IPython terminal) the same call runs to completion with a text progress
-line, and Ctrl-C cancels it while keeping the finished rows. ``asyncio.run`` is never
+line, and Ctrl-C cancels it while keeping the finished rows; a run stopped by a fatal error
+raises it from the call that started it, as ``await run`` would, with the run as ``err.run``. ``asyncio.run`` is never
 called inside a running loop and ``nest_asyncio`` is never used: on ipykernel 7 it loses
 shell messages (Cancel clicks vanish, queued cells hang).
 """

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from ..cache import Cache
 from ..config import Endpoint
@@ -287,7 +287,7 @@ class Engine(Planning, Answers):
         finally:  # a second cancel while gathering must not leave rows pending
             self._mark_unsent(parked, in_flight)
 
-    def _mark_unsent(self, parked: list[int] = (), in_flight: list[int] = ()) -> None:
+    def _mark_unsent(self, parked: Sequence[int] = (), in_flight: Sequence[int] = ()) -> None:
         if self.fatal:
             why = f"the run stopped ({self.fatal})"
             reason = f"not sent: {why}"
