@@ -218,11 +218,19 @@ def test_a_budget_spans_every_pass(make_server):
     (lambda df, o: df.llm.join(df, "{left.text} ~ {right.text}", candidates=0, **o), "candidates must be"),
     (lambda df, o: df.llm.join(df, "{left.text} ~ {right.text}", cascade_typo=1, **o), "unknown option"),
 ])
-def test_bad_input_is_refused_before_any_request(make_server, call, problem):
-    server = make_server()
+def test_bad_input_is_refused_before_any_request(quiet_server, call, problem):
     with pytest.raises((nbparrot.ConfigError, nbparrot.TemplateError), match=problem):
-        call(reviews(10), opts(server))
-    assert requests(server) == 0
+        call(reviews(10), opts(quiet_server))
+    assert requests(quiet_server) == 0
+
+
+@pytest.fixture(scope="module")
+def quiet_server():
+    """One server for the bad-input cases: none of them may send it anything."""
+    from nbparrot.server import ServerProcess
+
+    with ServerProcess() as server:
+        yield server
 
 
 def test_help_documents_every_argument():
