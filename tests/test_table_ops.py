@@ -67,6 +67,11 @@ def test_the_servers_table_rules():
     assert expected_choice("A: <<score:20>>\n\nB: <<score:20>>", ["A", "B"]) == "A"
     assert expected_match("<<key:a>> x <<key:a>>") is True and expected_match("<<key:a>> <<key:b>>") is False
     assert expected_match("plain") is None and expected_seen("<<seen:r1,r2>>") == ["r1", "r2"]
+    from nbparrot.server.table import text_answer
+
+    assert text_answer("Q\nDocument 1:\nx <<score:3>>\nDocument 2:\ny <<score:30>>") == "Document 2"
+    assert text_answer("<<key:a>> and <<key:a>>") == "True" and text_answer("<<key:a>> <<key:b>>") == "False"
+    assert text_answer("<<row:r1>> <<seen:r2,r3>>") == "<<seen:r1,r2,r3>>" and text_answer("plain") is None
 
 
 # ---- agg -----------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ are ``{"tag", "echo", "choice", "text"}`` objects. In those instances booleans a
 decision rules of :mod:`.decisions` (same for every choice). ``logprobs: true`` adds token logprobs
 (:mod:`.logprobs`), per token in streams too. Markers in the last user message (see :mod:`.config`)
 ask for broken, empty, refused or huge answers; the table operators' markers (:mod:`.table`) give
-``agg`` requests an answer listing the rows they covered, logged in ``GET /stats``'s ``rows_seen``. An embedding model here is OpenAI's 404 "This is not
+plain-text answers in words (the rows an ``agg`` request covered, logged in ``GET /stats``'s
+``rows_seen``; the better of two scored items; whether two keys match). An embedding model here is OpenAI's 404 "This is not
 a chat model...".
 """
 
@@ -40,7 +41,7 @@ from .embeddings import is_embedding_model
 from .logprobs import Piece, answer_pieces, logprobs_object
 from .prompts import _digest, _filler, _prompt_parts
 from .schema_faker import _SchemaFaker
-from .table import ROW_MARKER, rows_in, seen_answer
+from .table import ROW_MARKER, rows_in, text_answer
 from .wire import _Reject, _flush_then_abort, _int_param
 
 
@@ -214,12 +215,12 @@ class _ChatEndpoint:
             label = f"{tag}#{0 if req.greedy else i}"
             value: Any = None
             faker = None
-            seen = seen_answer(last_user) if fmt == "text" and not not_json else None
-            if seen is not None:  # an agg request (see .table): the answer lists the rows it covered
-                tokens, finish = (len(seen) + 3) // 4, "stop"
+            marked = text_answer(last_user) if fmt == "text" and not not_json else None
+            if marked is not None:  # the table operators' markers (see .table): rows seen, a choice, a match
+                tokens, finish = (len(marked) + 3) // 4, "stop"
                 if max_tokens is not None and tokens > max_tokens:
-                    tokens, finish, seen = max_tokens, "length", seen[: max_tokens * 4]
-                content = seen
+                    tokens, finish, marked = max_tokens, "length", marked[: max_tokens * 4]
+                content = marked
             elif fmt == "text" or not_json:
                 prefix = f"[{label}] {echo} "
                 content = prefix + _filler(tokens * 4 - len(prefix))

@@ -21,6 +21,11 @@ All the rules read the **last user message** (the decision text, as :mod:`.decis
   of a left and a right row matches when they share a key. ``mock-weak`` inverts it on ``<<hard>>``
   texts, as it does the other decisions.
 
+Plain-text answers (no ``response_format``) follow the same truths in words, so tools that read
+text, as LOTUS's operators do, can be measured on the same data: two or more score markers get
+``Document N`` (N the 1-based position of the highest, the wording LOTUS's comparisons ask for),
+key markers ``True`` or ``False``.
+
 Anything without these markers gets the usual answers of :mod:`.chat` and :mod:`.decisions`.
 """
 
@@ -30,7 +35,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
-__all__ = ["ROW_MARKER", "SCORE_MARKER", "KEY_MARKER", "rows_in", "seen_answer", "expected_seen", "expected_score",
+__all__ = ["ROW_MARKER", "SCORE_MARKER", "KEY_MARKER", "rows_in", "text_answer", "expected_seen", "expected_score",
            "expected_choice", "expected_match"]
 
 ROW_MARKER = "<<row:"
@@ -47,18 +52,25 @@ def rows_in(text: str) -> list[str]:
     return _ROWS.findall(text) if ROW_MARKER in text else []
 
 
-def seen_answer(text: str) -> str | None:
-    """The plain-text answer to a message holding row markers or seen lists, else None."""
-    if ROW_MARKER not in text and "<<seen:" not in text:
-        return None
-    ids = _ROWS.findall(text)
-    for listed in _SEEN.findall(text):
-        ids += [i for i in listed.split(",") if i]
-    return f"<<seen:{','.join(ids)}>>"
+def text_answer(text: str) -> str | None:
+    """The plain-text answer to a message holding the markers (see the module docstring), else None."""
+    if ROW_MARKER in text or "<<seen:" in text:
+        ids = _ROWS.findall(text)
+        for listed in _SEEN.findall(text):
+            ids += [i for i in listed.split(",") if i]
+        return f"<<seen:{','.join(ids)}>>"
+    if SCORE_MARKER in text:
+        found = [int(n) for n in _SCORES.findall(text)]
+        if len(found) >= 2:
+            return f"Document {found.index(max(found)) + 1}"
+    match = expected_match(text)
+    if match is not None:
+        return "True" if match else "False"
+    return None
 
 
 def expected_seen(answer: str | None) -> list[str]:
-    """The IDs an ``agg`` answer says it covered (what ``seen_answer`` put in it)."""
+    """The IDs an ``agg`` answer says it covered (what ``text_answer`` put in it)."""
     return [i for listed in _SEEN.findall(answer or "") for i in listed.split(",") if i]
 
 
