@@ -304,6 +304,17 @@ def test_on_a_kernel_each_operator_returns_at_once_cancels_resumes_and_reruns_fr
             assert again == "True 0\n" and requests(server) == after, name  # the rerun sent nothing
         seen = [i for request in server.stats()["rows_seen"] for i in request]
         assert set(seen) == {f"r{i}" for i in range(120)}
+        # confirm_over: the panel asks once, with the estimate of every pass, before anything is sent
+        before = requests(server)
+        kernel.execute("run = left.llm.join(right, '{left.note} is {right.card}', model='gpt-4o-mini', "
+                       "confirm_over=1e-9, **{k: v for k, v in kw.items() if k != 'model'})", check=True)
+        kernel.wait_for(lambda: kernel.eval("run.status") == "waiting", timeout=20)
+        assert requests(server) == before and kernel.eval("run.estimate.requests") == 64
+        assert any("may cost up to" in str(s.get("value", "")) for s in kernel.find_widgets("HTML").values())
+        kernel.click(kernel.wait_for_widget("Button", description="Run"))
+        assert kernel.execute("res = await run\nprint(run.status, len(res))", check=True, timeout=60).stdout.split()[0] \
+            == "finished"
+        assert requests(server) == before + 64
         agg = json.loads(results["agg"])
         assert sorted(expected_seen(agg["s0"])) == sorted(f"r{i}" for i in range(0, 120, 2))
         assert len(json.loads(results["topk"])["rank"]) == 4
