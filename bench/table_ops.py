@@ -68,7 +68,7 @@ def delta(server: Any, before: dict) -> dict:
 def nbparrot_side(server: Any) -> dict:
     import pandas as pd
 
-    import nbparrot
+    import nbparrot  # noqa: F401 - registers df.llm
 
     out: dict = {}
     base = {"base_url": server.base_url, "api_key": KEY, "model": "mock", "progress": False}

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import random
 import sys
-import warnings
 from collections import Counter
 from pathlib import Path
 
