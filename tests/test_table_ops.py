@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 import nbparrot
+from nbparrot.run import session_usage
 from nbparrot.server import expected_choice, expected_match, expected_score, expected_seen
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -130,9 +131,11 @@ def test_topk_returns_the_true_top_k_best_first_in_about_n_requests(make_server)
     server = make_server(latency_ms=1)
     merits = random.Random(7).sample(range(1000), 200)
     df = merits_frame(merits)
+    counted = session_usage().get("mock", {}).get("requests", 0)
     run = df.llm.topk("the most exciting {text}", 5, **opts(server))
     assert "scores: 200" in str(run.estimate)
     top = run.result()
+    assert session_usage()["mock"]["requests"] - counted == requests(server)  # each pass counted once
     truth = sorted(range(200), key=lambda i: -merits[i])[:5]
     assert top.index.tolist() == [f"r{i}" for i in truth] and top["rank"].tolist() == [1, 2, 3, 4, 5]
     assert top["score"].tolist() == [expected_score(t) for t in top.text]
