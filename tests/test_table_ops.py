@@ -200,10 +200,10 @@ def test_join_forwards_filter_options_and_asks_before_a_costly_run(make_server):
 def test_a_budget_spans_every_pass(make_server):
     server = make_server()
     merits = random.Random(1).sample(range(1000), 40)
-    run = merits_frame(merits).llm.topk("best {text}", 3, **opts(server, model="gpt-4o-mini", max_cost=0.0005,
-                                                                   concurrency=1))
-    with pytest.raises(nbparrot.BudgetExceededError):
-        run.result()
+    with pytest.raises(nbparrot.BudgetExceededError) as stopped:  # in a script the call raises it, with err.run
+        merits_frame(merits).llm.topk("best {text}", 3, **opts(server, model="gpt-4o-mini", max_cost=0.0005,
+                                                               concurrency=1))
+    run = stopped.value.run
     assert run.status == "stopped" and 0 < requests(server) < 40 and run.cost <= 0.0005
 
 
