@@ -184,11 +184,15 @@ class Run:
             self._cancel_requested = True
             self.engine.abandon("not sent: the run was cancelled before it started")
         _live.pop(self.id, None)
+        self._record_usage()
+        self._finished.set()
+        self.view.finished()
+
+    def _record_usage(self) -> None:
+        """Add this run's requests and tokens to the session's totals (once, as it ends)."""
         p = self.progress
         record_usage(self.model, requests=p.requests, prompt_tokens=p.prompt_tokens,
                      completion_tokens=p.completion_tokens, cached=p.cached, batch=self.engine.batch)
-        self._finished.set()
-        self.view.finished()
 
     # ---- state --------------------------------------------------------------------------
 

@@ -84,6 +84,7 @@ class _Stats:
         self.embedding_requests = 0  # POST /v1/embeddings, valid or not
         self.embedded_inputs = 0  # inputs of the embedding requests whose body was valid (before limits and faults)
         self.embedding_tokens = 0  # tokens of the embedding requests answered
+        self.rows_seen: list[list[str]] = []  # per answered request holding <<row:ID>> markers, its IDs (.table)
         self.started = time.time()
 
     def as_dict(self) -> dict:
@@ -111,6 +112,7 @@ class _Stats:
             "embedded_inputs": self.embedded_inputs,
             "embedding_tokens": self.embedding_tokens,
             "huge_bytes_sent": self.huge_bytes_sent,
+            "rows_seen": [list(ids) for ids in self.rows_seen],
         }
 
 
