@@ -309,6 +309,7 @@ class _ChatEndpoint:
             stats.prompt_tokens += ptoks
             stats.completion_tokens += ctoks
             stats.answered[tag] = stats.answered.get(tag, 0) + 1
+            stats.models[model] = stats.models.get(model, 0) + 1
             self.count(200)
 
         delay = cfg.latency_ms
