@@ -81,7 +81,8 @@ class StagedEngine:
 
     def stage(self, name: str, params: Mapping[str, Any], source: Any, **engine_options: Any) -> Stage:
         """A new stage over ``source`` (a ``Prepared``-like object), sharing the progress, the cache
-        and what is left of ``max_cost``."""
+        and what is left of ``max_cost``; ``engine_options`` go to its ``Engine`` (``schema``
+        defaults to the run's, ``extract``)."""
         n = len(source)
         progress = self.progress
         progress.total += n
@@ -90,8 +91,9 @@ class StagedEngine:
         if settings.max_cost is not None:
             spent = sum(stage.cost(progress) or 0.0 for stage in self.stages)
             settings = replace(settings, max_cost=max(settings.max_cost - spent, 0.0))
-        engine = Engine(self.endpoint, params, source, settings, progress=progress, schema=self.schema,
-                        cache=self.cache, refresh=self._refresh, **engine_options)
+        engine_options.setdefault("schema", self.schema)
+        engine = Engine(self.endpoint, params, source, settings, progress=progress, cache=self.cache,
+                        refresh=self._refresh, **engine_options)
         stage = Stage(name, engine)
         if not self.stages:
             self.params = engine.params

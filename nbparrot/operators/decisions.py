@@ -33,7 +33,7 @@ from ..run import Run
 from ..structured import Schema
 from .cascade import check_cascade, launch as launch_cascade
 
-__all__ = ["filter", "classify", "normalize_labels", "value_probability"]
+__all__ = ["filter", "classify", "normalize_labels", "value_probability", "filter_request", "classify_request"]
 
 FILTER_INSTRUCTION = ("Decide whether the user's message is true. Reply with only a JSON object: "
                       '{"answer": true} if it is, {"answer": false} if it is not.')
@@ -113,9 +113,8 @@ def filter(data: Any, predicate: str | Sequence[Mapping[str, str]], *, mask: boo
     options = check_options(filter, options)
     spec = check_cascade(cascade, target, cascade_sample, options)
     setup = api.resolve(options)
-    schema = Schema({"answer": typing.Annotated[bool, _strict()]})
-    prepared = prepare(data, predicate, system=_system(setup.system, FILTER_INSTRUCTION),
-                       on_missing=options["on_missing"])
+    system, schema = filter_request(setup.system)
+    prepared = prepare(data, predicate, system=system, on_missing=options["on_missing"])
     shape, label = _FilterShape(mask, options["meta"], name), f"filter: {prepared.templates[0]}"
     if spec is not None:
         return launch_cascade(setup, prepared, setup.chat_body(), shape, spec=spec, schema=schema, field="answer",
@@ -251,21 +250,32 @@ def classify(data: Any, template: str | Sequence[Mapping[str, str]], labels: Any
     if multi and spec is not None:
         raise ConfigError("cascade= reads the confidence of one label per row; it cannot be used with multi=True")
     setup = api.resolve(options)
-    choice = typing.Literal[tuple(names)]  # type: ignore[valid-type]
-    schema = Schema({"labels": list[choice]} if multi else {"label": choice})
+    system, schema = classify_request(setup.system, names, descriptions, multi)
     body = setup.chat_body()
     extract = None
     if confidence:
         body["logprobs"] = True  # no top_logprobs: the chosen label's own tokens are all it reads (4x smaller answers)
         extract = _read_confidence
-    prepared = prepare(data, template, system=_system(setup.system, _classify_instruction(names, descriptions, multi)),
-                       on_missing=options["on_missing"])
+    prepared = prepare(data, template, system=system, on_missing=options["on_missing"])
     shape = _ClassifyShape(names, multi, confidence, options["meta"], name)
     label = f"classify into {len(names)} labels: {prepared.templates[0]}"
     if spec is not None:
         return launch_cascade(setup, prepared, setup.chat_body(), shape, spec=spec, schema=schema, field="label",
                               label=label)
     return api.launch(setup, prepared, body, shape, schema=schema, extract=extract, label=label)
+
+
+def filter_request(own_system: str | None) -> tuple[str, Schema]:
+    """The system prompt (the user's, then the instruction) and answer schema of a yes/no decision."""
+    return _system(own_system, FILTER_INSTRUCTION), Schema({"answer": typing.Annotated[bool, _strict()]})
+
+
+def classify_request(own_system: str | None, names: list[str], descriptions: dict[str, str],
+                     multi: bool = False) -> tuple[str, Schema]:
+    """The system prompt and answer schema of a choice among ``names`` (several with ``multi``)."""
+    choice = typing.Literal[tuple(names)]  # type: ignore[valid-type]
+    schema = Schema({"labels": list[choice]} if multi else {"label": choice})
+    return _system(own_system, _classify_instruction(names, descriptions, multi)), schema
 
 
 def _strict() -> Any:
