@@ -161,3 +161,17 @@ def test_learn_band_keeps_the_most_rows_within_the_bound():
     assert thresholds[1] == pytest.approx(confidence[80 + errors - 1])  # the most confident wrong ones let through
     nothing, none = learn_band(groups, confidence, disagree, target=0.999, outside_share=1.0)
     assert nothing == {0: None, 1: None} and none == 0  # no band is good enough: the strong model decides all
+
+
+def test_max_cost_and_confirm_over_span_the_stages(make_server):
+    server = make_server()
+    df = rows(300)
+    with pytest.raises(ConfigError, match="confirm_over") as asked:
+        nbparrot.filter(df, "{text}", cascade=PAIR, confirm_over=0.001, **opts(server))
+    assert "on the sample" in str(asked.value) and server.stats()["requests"] == 0  # the whole cascade's estimate
+    run = nbparrot.filter(df, "{text}", mask=True, cascade=PAIR, max_cost=0.06, **opts(server))
+    assert run.status == "stopped" and run.cost <= 0.06
+    assert server.stats()["models"][WEAK_MODEL] == 300 and 0 < strong_requests(server) < 100  # stopped in the sample
+    # only the sample rows the strong model answered are decided: without the band no cheap answer is kept
+    assert run.cascade["stage"] == "stopped" and run.partial().notna().sum() == strong_requests(server)
+    assert set(run.errors["status"]) == {"cancelled"} and "max_cost" in run.errors["error"].iloc[0]
