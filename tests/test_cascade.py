@@ -5,7 +5,10 @@ weak/strong pair: ``mock-weak`` errs on ``<<hard>>`` rows with low confidence, `
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,6 +18,10 @@ import nbparrot
 from nbparrot.errors import ConfigError, LogprobsUnavailableError
 from nbparrot.operators.cascade import learn_band, wilson_upper
 from nbparrot.server import HARD_MARKER, STRONG_MODEL, WEAK_MODEL, expected_decision, expected_label
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import KernelHarness, kernel_python, wait_until  # noqa: E402
 
 KEY = "sk-cascade-test-0123456789"
 PAIR = (WEAK_MODEL, STRONG_MODEL)
@@ -128,6 +135,15 @@ def test_an_endpoint_without_logprobs_stops_after_one_request(make_server):
         run.result()
 
 
+@pytest.fixture(scope="module")
+def idle_server():
+    """One server for the bad-input cases: none of them may send anything, so its count stays 0."""
+    from nbparrot.server import ServerProcess
+
+    with ServerProcess() as server:
+        yield server
+
+
 @pytest.mark.parametrize("kwargs, words", [
     ({"cascade": PAIR, "target": 0}, "target"),
     ({"cascade": PAIR, "target": 1.0}, "target"),
@@ -141,8 +157,8 @@ def test_an_endpoint_without_logprobs_stops_after_one_request(make_server):
     ({"cascade": PAIR, "mode": "batch"}, "mode='live'"),
     ({"cascade": PAIR, "cascade_sample": 0}, "cascade_sample"),
 ])
-def test_bad_cascade_arguments_fail_before_any_request(make_server, kwargs, words):
-    server = make_server()
+def test_bad_cascade_arguments_fail_before_any_request(idle_server, kwargs, words):
+    server = idle_server
     with pytest.raises(ConfigError, match=words):
         nbparrot.filter(rows(10), "{text}", **opts(server, **kwargs))
     with pytest.raises(ConfigError, match="multi=True"):
@@ -175,3 +191,30 @@ def test_max_cost_and_confirm_over_span_the_stages(make_server):
     # only the sample rows the strong model answered are decided: without the band no cheap answer is kept
     assert run.cascade["stage"] == "stopped" and run.partial().notna().sum() == strong_requests(server)
     assert set(run.errors["status"]) == {"cancelled"} and "max_cost" in run.errors["error"].iloc[0]
+
+
+def test_in_a_kernel_the_cascade_returns_at_once_and_the_panel_cancel_spans_its_stages(tmp_path, make_server):
+    server = make_server(latency_ms=40)
+    env = {"NBPARROT_CACHE_DIR": str(tmp_path / "cache"), "OPENAI_API_KEY": KEY}
+    with KernelHarness(python=kernel_python(None), cwd=str(tmp_path), env=env) as kernel:
+        started = kernel.execute(
+            "import nbparrot, pandas as pd\n"
+            "nbparrot.set_price('mock-weak', input=0.1, output=0.4); nbparrot.set_price('mock-strong', input=2, output=8)\n"
+            f"df = pd.DataFrame({{'text': {rows(300).text.tolist()!r}}})\n"
+            f"run = nbparrot.filter(df, '{{text}}', mask=True, cascade=('mock-weak', 'mock-strong'), concurrency=4,"
+            f" base_url={server.base_url!r})\n"
+            "print(run.done())", check=True)
+        assert started.stdout == "False\n"  # the cell returned while the cascade goes on
+        wait_until(lambda: kernel.eval("run.cascade['stage']") == "strong model on the unsure rows"
+                   and kernel.eval("run.progress.done") > 400, timeout=60, message="the strong pass never started")
+        kernel.click(kernel.wait_for_widget("Button", description="Cancel"))
+        report = json.loads(kernel.execute(
+            "import asyncio, json\nawait asyncio.wait({run._task})\n"
+            "print(json.dumps({'status': run.status, 'decided': int(run.partial().notna().sum()),"
+            " 'cascade': {k: run.cascade[k] for k in ('rows', 'sample', 'stage')}, 'summary': run.summary()}))",
+            check=True, timeout=30).stdout)
+    assert report["status"] == "cancelled" and report["cascade"]["stage"] == "stopped"
+    rows_by = report["cascade"]["rows"]
+    assert report["decided"] == rows_by[WEAK_MODEL] + rows_by[STRONG_MODEL] < 300
+    assert rows_by[STRONG_MODEL] > report["cascade"]["sample"]  # some unsure rows were decided before the Cancel
+    assert f"{report['decided']}/300 rows answered" in report["summary"] and "cascade:" in report["summary"]

@@ -80,6 +80,15 @@ def test_filter_variants_with_yes_no_labels_and_free_text_with_a_judge(make_serv
     assert server.stats()["requests"] == requests  # a rerun, judge included, comes from the cache
 
 
+@pytest.fixture(scope="module")
+def idle_server():
+    """One server for the bad-input cases: none of them may send anything, so its count stays 0."""
+    from nbparrot.server import ServerProcess
+
+    with ServerProcess() as server:
+        yield server
+
+
 @pytest.mark.parametrize("kwargs, words", [
     ({"expect": "nope"}, "no such column"),
     ({"expect": "label", "task": "filter"}, "not true/false"),
@@ -88,8 +97,8 @@ def test_filter_variants_with_yes_no_labels_and_free_text_with_a_judge(make_serv
     ({"expect": "label", "judge": "Is {answer} like {nothing}?"}, "nothing"),
     ({"expect": "label", "sample": 0}, "sample"),
 ])
-def test_bad_scoring_arguments_fail_before_any_request(make_server, kwargs, words):
-    server = make_server()
+def test_bad_scoring_arguments_fail_before_any_request(idle_server, kwargs, words):
+    server = idle_server
     with pytest.raises((ConfigError, TemplateError), match=words):
         nbparrot.compare(tickets(6), VARIANTS, **kwargs, **opts(server))
     assert server.stats()["requests"] == 0
