@@ -13,6 +13,10 @@ Cancel, the estimate, ``max_cost`` / ``confirm_over``, the cache and resume, ``m
 ``confidence=True`` on ``classify`` also asks for ``logprobs`` and gives the probability the
 model put on the chosen label's tokens (None where the endpoint returns no logprobs, which
 the panel says once).
+
+``cascade=(cheap, strong)`` on either sends the strong model only a sample and the rows the
+cheap one is unsure of (``nbparrot.operators.cascade``); ``filter_request`` / ``classify_request``
+give the system prompt and schema of a decision to other operators (joins, scoring's judge).
 """
 
 from __future__ import annotations
