@@ -6,7 +6,7 @@ aggregation (chunk answers reduced again). ``StagedEngine`` stands where an ``En
 ``Run``, the panel and the result shapes; each stage is a plain ``Engine`` over its own requests,
 so pacing, retries, re-asks, the cache and the first-request probe work in every stage unchanged.
 
-The operator gives a *plan* with four methods:
+The operator gives a *plan* (see ``StagePlan``):
 
 * ``first(staged) -> Stage``: the first stage, made with ``staged.stage(...)``. It is planned
   before anything is sent (cache lookups, its estimate), as a plain run is.
@@ -18,6 +18,8 @@ The operator gives a *plan* with four methods:
   read) from the stages' outcomes, every row without a final outcome given CANCELLED with
   ``reason`` when one is given. Called after every stage and once at the end (then with a
   reason, also after a Cancel, a budget stop or a fatal error): it must be idempotent.
+* ``model_of(request) -> str`` (the model behind a final outcome, for ``meta=True``) and
+  ``describe() -> str`` (one line for the run's summary, "" for none).
 
 What the stages share: one ``Progress``, counting *requests* (its total grows as stages are
 added), so the panel, Cancel and ``await`` span the run; ``max_cost``, each stage getting what
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 from ..config import Endpoint
 from ..outcomes import Outcomes
@@ -38,7 +40,18 @@ from .core import Engine
 from .progress import Progress
 from .settings import EngineSettings
 
-__all__ = ["Stage", "StagedEngine"]
+__all__ = ["Stage", "StagedEngine", "StagePlan"]
+
+
+class StagePlan(Protocol):
+    """What a staged operator provides (see the module docstring)."""
+
+    def first(self, staged: "StagedEngine") -> "Stage": ...
+    def estimate(self, staged: "StagedEngine") -> Estimate: ...
+    def next(self, staged: "StagedEngine", done: "Stage") -> "Stage | None": ...
+    def settle(self, staged: "StagedEngine", reason: str | None) -> None: ...
+    def model_of(self, request: int) -> str: ...
+    def describe(self) -> str: ...
 
 
 class Stage:
@@ -66,7 +79,7 @@ class StagedEngine:
 
     batch = False
 
-    def __init__(self, endpoint: Endpoint, settings: EngineSettings, plan: Any, outcomes: Outcomes, *,
+    def __init__(self, endpoint: Endpoint, settings: EngineSettings, plan: StagePlan, outcomes: Outcomes, *,
                  schema: Any = None, cache: Any = None, refresh: bool = False):
         self.endpoint, self.settings, self.planner, self.outcomes = endpoint, settings, plan, outcomes
         self.schema, self.cache, self._refresh = schema, cache, refresh
@@ -131,7 +144,7 @@ class StagedEngine:
             progress.started = loop.time()
         await self.prepare()
         stage: Stage | None = self.stages[0]
-        reason = "cancelled before an answer arrived"
+        reason: str | None = "cancelled before an answer arrived"
         try:
             while stage is not None:
                 self.current = stage
@@ -147,6 +160,8 @@ class StagedEngine:
                     break
                 self.planner.settle(self, None)
                 stage = self.planner.next(self, stage)
+            else:
+                reason = None  # every stage done: the plan has settled every row
             progress.note = None
         finally:
             current = self.current
