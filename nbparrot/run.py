@@ -452,9 +452,9 @@ class StagedRun(Run):
             record_usage(model, **totals)
 
     def summary(self) -> str:
-        """One line: status, rows answered, requests per model, tokens, cost, time, and the plan's own words."""
+        """One line: status, answers (of the final outcomes), requests per model, tokens, cost, time, and the plan's own words."""
         p, outcomes = self.progress, self.outcomes
-        parts = [f"run {self.id} {self.status}: {outcomes.count_status('ok')}/{len(outcomes)} rows answered"]
+        parts = [f"run {self.id} {self.status}: {outcomes.count_status('ok')}/{len(outcomes)} answered"]
         for name in ("failed", "cancelled", "skipped"):
             if outcomes.count_status(name):
                 parts.append(f"{outcomes.count_status(name)} {name}")

@@ -217,4 +217,4 @@ def test_in_a_kernel_the_cascade_returns_at_once_and_the_panel_cancel_spans_its_
     rows_by = report["cascade"]["rows"]
     assert report["decided"] == rows_by[WEAK_MODEL] + rows_by[STRONG_MODEL] < 300
     assert rows_by[STRONG_MODEL] > report["cascade"]["sample"]  # some unsure rows were decided before the Cancel
-    assert f"{report['decided']}/300 rows answered" in report["summary"] and "cascade:" in report["summary"]
+    assert f"{report['decided']}/300 answered" in report["summary"] and "cascade:" in report["summary"]

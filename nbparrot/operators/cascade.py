@@ -38,6 +38,7 @@ from .. import api
 from ..engine.staged import Stage, StagedEngine
 from ..errors import ConfigError, LogprobsUnavailableError
 from ..outcomes import CANCELLED, OK, PENDING, SKIPPED, Outcomes
+from ..prepare import RenderError
 from ..pricing import Estimate, cost_of, estimate, format_usd, price_of
 from ..run import StagedRun
 from ..tokens import estimate_prompt_tokens
@@ -239,7 +240,7 @@ class CascadePlan:
         first = self.stages[0].engine.estimate
         n = len(self.prepared)
         sample = self.spec.sample_size(n)
-        probe = [m for m in (self.prepared.render(k) for k in range(0, n, max(1, n // 20))) if m is not None]
+        probe = [m for m in map(self._rendered, range(0, n, max(1, n // 20))) if m is not None]
         prompt = int(sum(map(estimate_prompt_tokens, probe)) / len(probe)) if probe else 0
         reply = int(self.strong_body.get("max_tokens") or self.strong_body.get("max_completion_tokens") or 0)
         rest = n - sample
@@ -253,6 +254,12 @@ class CascadePlan:
         total.words = (f"{first.requests:,} requests to {self.spec.cheap}, {sample:,} to {self.spec.strong} on the "
                        f"sample, up to {rest:,} more on unsure rows (~{expected_rest:,} expected)")
         return total
+
+    def _rendered(self, request: int) -> Any:
+        try:
+            return self.prepared.render(request)
+        except RenderError:  # the cheap pass has failed that row already
+            return None
 
     def next(self, staged: StagedEngine, done: Stage) -> Stage | None:
         cheap = self.stages[0].engine.outcomes
