@@ -4,7 +4,8 @@ Inside a running event loop (a Jupyter kernel runs every cell inside one) the ba
 as a task on that very loop and the call returns at once: the panel shows progress, a later
 cell can ``await run``, and the Cancel button stops it. Outside a loop (a script, plain
 ``python``, the IPython terminal) the same call runs to completion with a text progress
-line, and Ctrl-C cancels it while keeping the finished rows. ``asyncio.run`` is never
+line, and Ctrl-C cancels it while keeping the finished rows; a run stopped by a fatal error
+raises it from the call that started it, as ``await run`` would, with the run as ``err.run``. ``asyncio.run`` is never
 called inside a running loop and ``nest_asyncio`` is never used: on ipykernel 7 it loses
 shell messages (Cancel clicks vanish, queued cells hang).
 """
@@ -110,6 +111,8 @@ class Run:
             before()
         if loop is None:
             self._run_here()
+            if self.error is not None:  # a script must not go on as if it had answers: raise, as await would
+                raise self._with_run(self.error)
         else:
             self._start_on(loop)
         return self
@@ -316,11 +319,19 @@ class Run:
                 f"run {self.id} is still going ({self.progress.settled}/{self.progress.total} rows settled): "
                 "use `result = await run` in a notebook cell, or check run.done()")
         if self.error is not None:
-            raise self.error
+            raise self._with_run(self.error)
         if self._cancel_requested and self.progress.cancelled:
             warnings.warn(f"run {self.id} was cancelled: {self.progress.done} of {self.progress.total} rows "
                           f"answered; the other {self.progress.total - self.progress.done} are NA", stacklevel=2)
         return self.partial()
+
+    def _with_run(self, error: BaseException) -> BaseException:
+        """``error`` with this run attached as ``error.run`` (its finished rows stay reachable)."""
+        try:
+            error.run = self  # type: ignore[attr-defined]
+        except AttributeError:  # an exception type that takes no attributes: raised as it is
+            pass
+        return error
 
     def partial(self) -> Any:
         """Whatever is answered so far, in the input's shape (unanswered rows NA), at any time."""
@@ -367,16 +378,23 @@ class Run:
 
     # ---- guards and display -------------------------------------------------------------
 
-    def _values(self) -> list:
+    def _finished_result(self) -> Any:
         if not self.done():
             raise RunNotFinishedError(
                 f"run {self.id} has not finished, so it has no values yet: `await` it first "
                 "(e.g. `df['answer'] = await run`), or pass into='answer' to fill a column as rows land")
-        result = self.result()
+        return self.result()
+
+    def _values(self) -> list:
+        result = self._finished_result()
         return list(result) if not hasattr(result, "tolist") else result.tolist()
 
     def __iter__(self):
         return iter(self._values())
+
+    def __getitem__(self, key: Any) -> Any:
+        """``run[k]`` is ``run.result()[k]`` (a finished run only): a Series label, a column, a record."""
+        return self._finished_result()[key]
 
     def __len__(self) -> int:
         return len(self._values())

@@ -118,7 +118,7 @@ class _Stats:
 
 #: (config field, stats name) in the order faults are drawn
 _FAULTS = (
-    ("p429", "429"), ("pquota", "quota"), ("p500", "500"), ("p502", "502"), ("p503", "503"), ("preset", "reset"), ("pstall", "stall")
+    ("p429", "429"), ("pquota", "quota"), ("p500", "500"), ("p502", "502"), ("p503", "503"), ("p_reset", "reset"), ("pstall", "stall")
 )
 
 
