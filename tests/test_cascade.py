@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 import nbparrot
-from nbparrot.errors import ConfigError, LogprobsUnavailableError
+from nbparrot.errors import BudgetExceededError, ConfigError, LogprobsUnavailableError
 from nbparrot.operators.cascade import learn_band, wilson_upper
 from nbparrot.server import HARD_MARKER, STRONG_MODEL, WEAK_MODEL, expected_decision, expected_label
 
@@ -128,11 +128,11 @@ def test_cancel_mid_cascade_keeps_the_finished_rows_and_a_rerun_sends_only_the_r
 
 def test_an_endpoint_without_logprobs_stops_after_one_request(make_server):
     server = make_server(logprobs=False)
-    run = nbparrot.filter(rows(50), "{text}", cascade=PAIR, **opts(server))
-    assert run.status == "failed" and isinstance(run.error, LogprobsUnavailableError)
-    assert "logprobs" in str(run.error) and server.stats()["requests"] == 1
-    with pytest.raises(LogprobsUnavailableError):
-        run.result()
+    with pytest.raises(LogprobsUnavailableError, match="without logprobs") as stopped:
+        nbparrot.filter(rows(50), "{text}", cascade=PAIR, **opts(server))  # a script raises the run's error
+    run = stopped.value.run
+    assert run.status == "failed" and server.stats()["requests"] == 1  # the first request went alone
+    assert set(run.errors["status"]) == {"cancelled"} and len(run.errors) == 50
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +185,9 @@ def test_max_cost_and_confirm_over_span_the_stages(make_server):
     with pytest.raises(ConfigError, match="confirm_over") as asked:
         nbparrot.filter(df, "{text}", cascade=PAIR, confirm_over=0.001, **opts(server))
     assert "on the sample" in str(asked.value) and server.stats()["requests"] == 0  # the whole cascade's estimate
-    run = nbparrot.filter(df, "{text}", mask=True, cascade=PAIR, max_cost=0.06, **opts(server))
+    with pytest.raises(BudgetExceededError) as stopped:
+        nbparrot.filter(df, "{text}", mask=True, cascade=PAIR, max_cost=0.06, **opts(server))
+    run = stopped.value.run
     assert run.status == "stopped" and run.cost <= 0.06
     assert server.stats()["models"][WEAK_MODEL] == 300 and 0 < strong_requests(server) < 100  # stopped in the sample
     # only the sample rows the strong model answered are decided: without the band no cheap answer is kept
