@@ -78,6 +78,8 @@ _REFUSED = {
     "confirm_over": "confirm_over asks in the notebook's panel before sending, and dask partitions run "
                     "on workers without one: cap the spend with max_cost= (split evenly over the "
                     "partitions), or try the template on ddf.head(20).llm.map(...) first",
+    "cascade": "a cascade learns where the cheap model is unsure from a sample of the whole frame, which "
+               "partitions on separate workers cannot share: run it on a pandas frame (e.g. ddf.compute())",
 }
 _META_DTYPES = {"prompt_tokens": "int64", "completion_tokens": "int64", "attempts": "int64",
                 "cost": "float64", "latency": "float64", "cached": "bool"}

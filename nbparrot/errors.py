@@ -23,6 +23,7 @@ __all__ = [
     "EndpointUnreachableError",
     "EndpointFailingError",
     "RateLimitWaitError",
+    "LogprobsUnavailableError",
     "BudgetExceededError",
     "RunNotFinishedError",
     "RunCancelledError",
@@ -92,6 +93,10 @@ class EndpointFailingError(FatalError):
 
 class RateLimitWaitError(FatalError):
     """A 429 asked to wait longer than ``max_wait`` (say a daily limit): stopping beats a silent day-long pause."""
+
+
+class LogprobsUnavailableError(FatalError):
+    """The endpoint answered without the logprobs a cascade reads its confidence from."""
 
 
 class BudgetExceededError(NbparrotError):

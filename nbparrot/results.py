@@ -164,11 +164,11 @@ def _typed(values: list, dtype: Any) -> Any:
 
 
 def _meta_columns(run: "Run", requests: list[int]) -> dict[str, list]:
-    prepared, outcomes, model = run.prepared, run.outcomes, run.model
+    prepared, outcomes = run.prepared, run.outcomes
     params = json.dumps({k: v for k, v in run.engine.params.items() if k != "response_format"}, sort_keys=True)
     meta: dict[str, list] = {c: [] for c in META_COLUMNS}
     for k in requests:
-        o = outcomes[k]
+        o, model = outcomes[k], run.model_of(k)
         meta["prompt"].append(prepared.user_text(k))
         meta["template"].append(prepared.template_of(k))
         meta["model"].append(model)

@@ -24,7 +24,7 @@ from .engine import CANCELLED, FAILED, SKIPPED, Engine
 from .errors import ConfigError, NbparrotError, RunCancelledError, RunNotFinishedError
 from .pricing import cost_of, format_usd
 
-__all__ = ["Run", "live_runs", "record_usage", "session_usage"]
+__all__ = ["Run", "StagedRun", "live_runs", "record_usage", "session_usage"]
 
 _ids = itertools.count(1)
 _live: dict[int, "Run"] = {}  # strong references: asyncio keeps only weak ones to tasks
@@ -277,6 +277,10 @@ class Run:
         """USD spent so far (cached rows cost nothing), or None when the model's price is unknown."""
         return cost_of(self.model, self.progress.prompt_tokens, self.progress.completion_tokens, batch=self.engine.batch)
 
+    def model_of(self, request: int) -> str:
+        """The model that answered request ``request`` (one model per run, but for staged runs)."""
+        return self.model
+
     @property
     def projected_cost(self) -> float | None:
         """The whole run's cost as it looks now: spend so far plus the rows left at the average so far."""
@@ -427,3 +431,56 @@ class Run:
         else:
             print(repr(self))
 
+
+
+class StagedRun(Run):
+    """The ``Run`` of a ``StagedEngine`` (a cascade, a multi-level reduction): the panel and Cancel
+    span the stages; usage and cost are kept per stage and priced at each stage's model. Its
+    progress counts requests (the total grows as stages are added); ``summary`` counts rows."""
+
+    def __init__(self, engine: Any, prepared: Prepared, *, model: str, shape: Callable[["Run"], Any],
+                 label: str = ""):
+        super().__init__(engine, prepared, model=" → ".join(engine.models) or model, shape=shape, label=label)
+
+    @property
+    def usage(self) -> dict[str, dict[str, int]]:
+        """Requests, tokens and cached answers per model, summed over the stages."""
+        out: dict[str, dict[str, int]] = {}
+        progress = self.progress
+        for stage in self.engine.stages:
+            requests, prompt, completion = stage.usage(progress)
+            totals = out.setdefault(stage.model, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                                                  "cached": 0})
+            totals["requests"] += requests
+            totals["prompt_tokens"] += prompt
+            totals["completion_tokens"] += completion
+            totals["cached"] += sum(stage.engine.outcomes.cached)
+        return out
+
+    @property
+    def cost(self) -> float | None:
+        """USD spent so far over every stage, each at its model's price (None if one is unknown)."""
+        costs = [stage.cost(self.progress) for stage in self.engine.stages]
+        return None if any(c is None for c in costs) else sum(costs)
+
+    def model_of(self, request: int) -> str:
+        return self.engine.planner.model_of(request)
+
+    def _record_usage(self) -> None:
+        for model, totals in self.usage.items():
+            record_usage(model, **totals)
+
+    def summary(self) -> str:
+        """One line: status, answers (of the final outcomes), requests per model, tokens, cost, time, and the plan's own words."""
+        p, outcomes = self.progress, self.outcomes
+        parts = [f"run {self.id} {self.status}: {outcomes.count_status('ok')}/{len(outcomes)} answered"]
+        for name in ("failed", "cancelled", "skipped"):
+            if outcomes.count_status(name):
+                parts.append(f"{outcomes.count_status(name)} {name}")
+        parts.append(" + ".join(f"{u['requests']:,} requests to {model}" for model, u in self.usage.items()))
+        parts.append(f"{p.prompt_tokens + p.completion_tokens:,} tokens")
+        parts.append(format_usd(self.cost))
+        if p.started is not None and p.finished is not None:
+            parts.append(f"{p.finished - p.started:.1f}s")
+        words = self.engine.planner.describe()
+        return ", ".join(parts) + (f"; {words}" if words else "")

@@ -20,7 +20,10 @@ latency, rate limits and random faults), its output lines shuffled.
 Structured answers decide their boolean and enum fields by documented rules
 (:mod:`.decisions`: :func:`expected_decision`, :func:`expected_label`,
 :func:`expected_labels`, :func:`expected_confidence`), with logprobs on request
-(:mod:`.logprobs`); ``mock-weak`` errs on ``<<hard>>`` rows, ``mock-strong`` never.
+(:mod:`.logprobs`); ``mock-weak`` (:data:`WEAK_MODEL`) errs on rows marked ``<<hard>>``
+(:data:`HARD_MARKER`) with low confidence, ``mock-strong`` (:data:`STRONG_MODEL`) never: the pair
+cascades are tested and benchmarked on, the truth being ``expected_decision(text, STRONG_MODEL)``.
+``GET /stats`` counts answers per model under ``models``.
 The table operators' markers (:mod:`.table`: ``<<row:ID>>``, ``<<score:N>>``, ``<<key:K>>``) give
 ``agg``, ``topk`` and ``join`` a truth to check (:func:`expected_seen`, :func:`expected_score`,
 :func:`expected_choice`, :func:`expected_match`; ``GET /stats`` logs ``rows_seen``).
@@ -95,6 +98,9 @@ from .table import expected_choice, expected_match, expected_score, expected_see
 from .prompts import expected_tag, format_duration, prompt_tag, prompt_tokens
 
 __all__ = [
+    "HARD_MARKER",
+    "STRONG_MODEL",
+    "WEAK_MODEL",
     "ServerConfig",
     "ServerProcess",
     "add_arguments",

@@ -320,6 +320,7 @@ class _ChatEndpoint:
             stats.answered[tag] = stats.answered.get(tag, 0) + 1
             if ROW_MARKER in last_user:
                 stats.rows_seen.append(rows_in(last_user))
+            stats.models[model] = stats.models.get(model, 0) + 1
             self.count(200)
 
         delay = cfg.latency_ms

@@ -78,6 +78,7 @@ class _Stats:
         self.completion_tokens = 0
         self.received: dict[str, int] = {}
         self.answered: dict[str, int] = {}
+        self.models: dict[str, int] = {}  # chat answers per model (a cascade's requests per model)
         self.files_uploaded = 0
         self.batches_created = 0
         self.batch_lines = 0  # lines of the batches whose input file was valid
@@ -105,6 +106,7 @@ class _Stats:
             "uptime_seconds": time.time() - self.started,
             "received": dict(self.received),
             "answered": dict(self.answered),
+            "models": dict(self.models),
             "files_uploaded": self.files_uploaded,
             "batches_created": self.batches_created,
             "batch_lines": self.batch_lines,
