@@ -266,7 +266,7 @@ class CascadeWork(Work):
         if planned < 3:
             rest = n - sample
             expected = math.ceil(rest * EXPECTED_UNSURE)
-            out.append((f"{strong} on unsure rows (~{expected:,} expected)",
+            out.append((f"{strong} on the unsure rows (~{expected:,} expected)",
                         at(rest)._replace(expected_cost=at(expected).expected_cost), "≤"))
         return out
 
