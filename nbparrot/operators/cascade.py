@@ -18,7 +18,9 @@ The result is one decision per row: the strong model's on the sample and the uns
 cheap model's elsewhere. ``run.cascade`` reports the stage, the thresholds, rows and requests per
 model, the cost against asking the strong model alone, and the estimated agreement with it (the
 sample's point estimate, and the bound the band was chosen with). The bound is computed on the
-same sample the band was chosen on, so it is an estimate, not a guarantee.
+same sample the band was chosen on, so it is an estimate, not a guarantee. The estimate counts the
+cheap pass as planned, the sample and, at most, every other row on the strong model (~30% expected);
+passes found whole in the cache are planned through, so a rerun is estimated at 0 requests.
 
 Before any request: ``target`` outside (0, 1), the same model twice, a model known to refuse
 logprobs (OpenAI's reasoning models: o1, o3, o4-mini, gpt-5) or ``mode="batch"`` raise
