@@ -24,7 +24,7 @@ from .engine import CANCELLED, FAILED, SKIPPED, Engine
 from .errors import ConfigError, NbparrotError, RunCancelledError, RunNotFinishedError
 from .pricing import cost_of, format_usd
 
-__all__ = ["Run", "StagedRun", "live_runs", "record_usage", "session_usage"]
+__all__ = ["Run", "live_runs", "record_usage", "session_usage"]
 
 _ids = itertools.count(1)
 _live: dict[int, "Run"] = {}  # strong references: asyncio keeps only weak ones to tasks
@@ -278,7 +278,7 @@ class Run:
         return cost_of(self.model, self.progress.prompt_tokens, self.progress.completion_tokens, batch=self.engine.batch)
 
     def model_of(self, request: int) -> str:
-        """The model that answered request ``request`` (one model per run, but for staged runs)."""
+        """The model that answered request ``request`` (one model per run, but for a staged run's passes)."""
         return self.model
 
     @property
@@ -411,16 +411,23 @@ class Run:
     def summary(self) -> str:
         """One line: status, counts, tokens, cost and time."""
         p = self.progress
-        parts = [f"run {self.id} {self.status}: {p.done}/{p.total} answered"]
-        for name, count in (("from cache", p.cached), ("failed", p.failed), ("cancelled", p.cancelled),
-                            ("skipped", p.skipped)):
-            if count:
-                parts.append(f"{count} {name}")
+        return self._summary_line(p.done, p.total, [("from cache", p.cached), ("failed", p.failed),
+                                                    ("cancelled", p.cancelled), ("skipped", p.skipped)])
+
+    def _summary_line(self, done: int, total: int, counts: list[tuple[str, int]], requests: str = "",
+                      words: str = "") -> str:
+        """The summary from its parts: answered of total, the non-zero ``counts``, ``requests`` (per model),
+        tokens, cost, time, and ``words`` after a semicolon."""
+        p = self.progress
+        parts = [f"run {self.id} {self.status}: {done}/{total} answered"]
+        parts += [f"{count} {name}" for name, count in counts if count]
+        if requests:
+            parts.append(requests)
         parts.append(f"{p.prompt_tokens + p.completion_tokens:,} tokens")
         parts.append(format_usd(self.cost))
         if p.started is not None and p.finished is not None:
             parts.append(f"{p.finished - p.started:.1f}s")
-        return ", ".join(parts)
+        return ", ".join(parts) + (f"; {words}" if words else "")
 
     def __repr__(self) -> str:
         return f"<nbparrot.Run {self.summary()}>"
@@ -430,57 +437,3 @@ class Run:
             self.view.display_again()
         else:
             print(repr(self))
-
-
-
-class StagedRun(Run):
-    """The ``Run`` of a ``StagedEngine`` (a cascade, a multi-level reduction): the panel and Cancel
-    span the stages; usage and cost are kept per stage and priced at each stage's model. Its
-    progress counts requests (the total grows as stages are added); ``summary`` counts rows."""
-
-    def __init__(self, engine: Any, prepared: Prepared, *, model: str, shape: Callable[["Run"], Any],
-                 label: str = ""):
-        super().__init__(engine, prepared, model=" → ".join(engine.models) or model, shape=shape, label=label)
-
-    @property
-    def usage(self) -> dict[str, dict[str, int]]:
-        """Requests, tokens and cached answers per model, summed over the stages."""
-        out: dict[str, dict[str, int]] = {}
-        progress = self.progress
-        for stage in self.engine.stages:
-            requests, prompt, completion = stage.usage(progress)
-            totals = out.setdefault(stage.model, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                                                  "cached": 0})
-            totals["requests"] += requests
-            totals["prompt_tokens"] += prompt
-            totals["completion_tokens"] += completion
-            totals["cached"] += sum(stage.engine.outcomes.cached)
-        return out
-
-    @property
-    def cost(self) -> float | None:
-        """USD spent so far over every stage, each at its model's price (None if one is unknown)."""
-        costs = [stage.cost(self.progress) for stage in self.engine.stages]
-        return None if any(c is None for c in costs) else sum(costs)
-
-    def model_of(self, request: int) -> str:
-        return self.engine.planner.model_of(request)
-
-    def _record_usage(self) -> None:
-        for model, totals in self.usage.items():
-            record_usage(model, **totals)
-
-    def summary(self) -> str:
-        """One line: status, answers (of the final outcomes), requests per model, tokens, cost, time, and the plan's own words."""
-        p, outcomes = self.progress, self.outcomes
-        parts = [f"run {self.id} {self.status}: {outcomes.count_status('ok')}/{len(outcomes)} answered"]
-        for name in ("failed", "cancelled", "skipped"):
-            if outcomes.count_status(name):
-                parts.append(f"{outcomes.count_status(name)} {name}")
-        parts.append(" + ".join(f"{u['requests']:,} requests to {model}" for model, u in self.usage.items()))
-        parts.append(f"{p.prompt_tokens + p.completion_tokens:,} tokens")
-        parts.append(format_usd(self.cost))
-        if p.started is not None and p.finished is not None:
-            parts.append(f"{p.finished - p.started:.1f}s")
-        words = self.engine.planner.describe()
-        return ", ".join(parts) + (f"; {words}" if words else "")

@@ -86,10 +86,15 @@ def test_a_rerun_comes_from_the_cache_and_sends_nothing(make_server):
     first = nbparrot.filter(df, "{text}", cascade=PAIR, **opts(server))
     kept = first.result()
     sent = server.stats()["requests"]
-    again = nbparrot.filter(df, "{text}", cascade=PAIR, **opts(server))
+    again = nbparrot.filter(df, "{text}", cascade=PAIR, meta=True, **opts(server))
+    assert again.estimate.requests == 0  # every pass found whole in the cache: planned through
     assert again.result().index.equals(kept.index)
     assert server.stats()["requests"] == sent
     assert again.cascade["rows"] == first.cascade["rows"] and again.cost == 0
+    models = again.result()["model"]  # meta=True: the model that decided each row
+    assert set(models) <= set(PAIR) and list(models) == [first.model_of(df.index.get_loc(i)) for i in kept.index]
+    assert [p.label for p in again.passes] == [p.label for p in first.passes]  # the same passes, from the cache
+    assert [p.label.split(":")[0] for p in first.passes][:2] == ["cascade 1/3", "cascade 2/3"]
 
 
 def test_cancel_mid_cascade_keeps_the_finished_rows_and_a_rerun_sends_only_the_rest(make_server):

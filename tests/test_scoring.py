@@ -76,7 +76,8 @@ def test_filter_variants_with_yes_no_labels_and_free_text_with_a_judge(make_serv
         assert rows[f"right {v}"].tolist() == verdicts
         assert free.scores.loc[v, "correct"] == sum(verdicts)
     requests = server.stats()["requests"]
-    nbparrot.compare(df, ["Say {text}", "Shout {text}"], expect="keep", sample=8, **opts(server)).result()
+    again = nbparrot.compare(df, ["Say {text}", "Shout {text}"], expect="keep", sample=8, **opts(server))
+    assert again.result().equals(rows) and again.estimate.requests == 0  # the judge planned through the cache too
     assert server.stats()["requests"] == requests  # a rerun, judge included, comes from the cache
 
 

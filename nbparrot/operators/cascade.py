@@ -1,7 +1,7 @@
 """Cascades for ``filter`` and ``classify``: the strong model only where the cheap one is unsure.
 
-``cascade=(cheap, strong)`` with ``target=0.9`` runs in three stages under one ``Run``
-(``nbparrot.engine.staged``):
+``cascade=(cheap, strong)`` with ``target=0.9`` runs in three passes under one ``Run``
+(``nbparrot.staged``):
 
 1. the cheap model decides every row, with ``logprobs``: the confidence of a decision is the
    probability of the decided value's tokens (``decisions.value_probability``);
@@ -18,7 +18,9 @@ The result is one decision per row: the strong model's on the sample and the uns
 cheap model's elsewhere. ``run.cascade`` reports the stage, the thresholds, rows and requests per
 model, the cost against asking the strong model alone, and the estimated agreement with it (the
 sample's point estimate, and the bound the band was chosen with). The bound is computed on the
-same sample the band was chosen on, so it is an estimate, not a guarantee.
+same sample the band was chosen on, so it is an estimate, not a guarantee. The estimate counts the
+cheap pass as planned, the sample and, at most, every other row on the strong model (~30% expected);
+passes found whole in the cache are planned through, so a rerun is estimated at 0 requests.
 
 Before any request: ``target`` outside (0, 1), the same model twice, a model known to refuse
 logprobs (OpenAI's reasoning models: o1, o3, o4-mini, gpt-5) or ``mode="batch"`` raise
@@ -34,13 +36,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .. import api
-from ..engine.staged import Stage, StagedEngine
+from ..engine import Engine
 from ..errors import ConfigError, LogprobsUnavailableError
-from ..outcomes import CANCELLED, OK, PENDING, SKIPPED, Outcomes
+from ..outcomes import OK, PENDING, SKIPPED, Outcomes
 from ..prepare import RenderError
-from ..pricing import Estimate, cost_of, estimate, format_usd, price_of
-from ..run import StagedRun
+from ..pricing import Estimate, cost_of, estimate, format_usd
+from ..staged import PlanEstimate, Staged, StagedRun, Work, launch_staged
 from ..tokens import estimate_prompt_tokens
 
 __all__ = ["Cascade", "check_cascade", "launch", "learn_band", "wilson_upper", "CascadeRun"]
@@ -88,11 +89,6 @@ def check_cascade(cascade: Any, target: Any, sample: Any, options: Mapping[str, 
         if NO_LOGPROBS.match(model):
             raise ConfigError(f"{model!r} returns no logprobs (OpenAI's reasoning models refuse them), and a "
                               "cascade reads the cheap model's confidence from them: use e.g. gpt-4.1-nano")
-    if options.get("max_cost") is not None:
-        for model in cascade:
-            if price_of(model) is None:
-                raise ConfigError(f"max_cost cannot be kept: the price of {model!r} is unknown; "
-                                  "set it with nbparrot.set_price(model, input=..., output=...)")
     return Cascade(cheap, strong, float(target), sample)
 
 
@@ -168,7 +164,7 @@ def _best_choice(options: list, allowed: int, best: tuple) -> tuple:
 
 
 class _Rows:
-    """Some requests of a ``Prepared``, as a stage's source: request ``k`` is ``rows[k]`` there."""
+    """Some requests of a ``Prepared``, as a pass's source: request ``k`` is ``rows[k]`` there."""
 
     def __init__(self, prepared: Any, rows: list[int]):
         self.prepared, self.rows = prepared, rows
@@ -185,9 +181,13 @@ class _Rows:
     def user_text(self, k: int) -> str | None:
         return self.prepared.user_text(self.rows[k])
 
+    @property
+    def request_index(self) -> Any:
+        return self.prepared.request_index[self.rows]
+
 
 class _Confidence:
-    """The cheap stage's ``extract``: the decided value's probability; no logprobs stops the run."""
+    """The cheap pass's ``extract``: the decided value's probability; no logprobs stops the run."""
 
     def __init__(self, field: str, model: str):
         self.field, self.model, self.engine = field, model, None
@@ -203,19 +203,21 @@ class _Confidence:
         return value_probability(choice, self.field)
 
 
-class CascadePlan:
-    """The three stages of a cascade, and how their outcomes make the run's (see the module docstring)."""
+class CascadeWork(Work):
+    """The three passes of a cascade, and how their outcomes make each row's final one (see the module docstring)."""
 
-    def __init__(self, spec: Cascade, prepared: Any, body: Mapping[str, Any], field: str):
-        self.spec, self.prepared, self.field = spec, prepared, field
+    def __init__(self, spec: Cascade, prepared: Any, body: Mapping[str, Any], field: str, schema: Any):
+        self.spec, self.prepared, self.field, self.schema = spec, prepared, field, schema
         n = len(prepared)
         self.outcomes = Outcomes(n)
         self.cheap_body = {**body, "model": spec.cheap, "logprobs": True}
         self.strong_body = {k: v for k, v in body.items() if k not in ("logprobs", "top_logprobs")}
         self.strong_body["model"] = spec.strong
-        self.source = np.full(n, -1, dtype=np.int8)  # row -> the stage whose outcome is its final one
-        self.position = np.zeros(n, dtype=np.int64)  # row -> its request number in that stage
-        self.stages: list[Stage] = []
+        self.source = np.full(n, -1, dtype=np.int8)  # row -> the pass whose outcome is its final one
+        self.position = np.zeros(n, dtype=np.int64)  # row -> its request number in that pass
+        self.engines: list[Engine] = []  # the passes started: cheap, sample, unsure rows
+        self.cheap: Engine | None = None  # the cheap pass, planned by ``plan``
+        self.later: list[int] = []  # per pass, the requests planned after it
         self.sample_rows: list[int] = []
         self.unsure_rows: list[int] = []
         self.thresholds: dict[Any, float | None] | None = None
@@ -224,105 +226,136 @@ class CascadePlan:
         self.sample_agreement: float | None = None
         self.stage_name = "planning"
 
-    # ---- the StagedEngine plan --------------------------------------------------------
+    # ---- the passes --------------------------------------------------------------------
 
-    def first(self, staged: StagedEngine) -> Stage:
+    def _cheap_engine(self, staged: Staged) -> Engine:
         extract = _Confidence(self.field, self.spec.cheap)
-        stage = staged.stage(f"cascade 1/3: {self.spec.cheap} on every row", self.cheap_body, self.prepared,
-                             extract=extract)
-        extract.engine = stage.engine
-        self.stages.append(stage)
-        self.stage_name = "cheap pass"
-        return stage
+        extract.engine = staged.engine(self.prepared, self.cheap_body, schema=self.schema, extract=extract)
+        return extract.engine
 
-    def estimate(self, staged: StagedEngine) -> Estimate:
-        """The cheap pass as planned, plus the strong model on the sample and (at most) every other row."""
-        first = self.stages[0].engine.estimate
-        n = len(self.prepared)
+    def _strong_engine(self, staged: Staged, rows: list[int]) -> Engine:
+        return staged.engine(_Rows(self.prepared, rows), self.strong_body, schema=self.schema)
+
+    async def plan(self, staged: Staged) -> PlanEstimate:
+        """The cheap pass as planned; the sample and the unsure rows planned through the cache when the
+        passes before them are found whole there, else at most (every other row; ~30% expected)."""
+        strong = self.spec.strong
+        staged.progress.own_note = f"preparing: {self.spec.cheap} on every row"
+        cheap = self.cheap = self._cheap_engine(staged)
+        passes = [(f"{self.spec.cheap} on every row", await cheap.prepare(), "")]
+        if not passes[0][1].requests:
+            sample = self._choose_sample(cheap.outcomes)
+            engine = self._strong_engine(staged, sample)
+            passes.append((f"{strong} on the sample", await engine.prepare(), ""))
+            if not passes[1][1].requests:
+                self._learn(cheap.outcomes, sample, engine.outcomes)
+                unsure = self._route(cheap.outcomes, sample)[1]
+                passes.append((f"{strong} on the unsure rows", await self._strong_engine(staged, unsure).prepare(), ""))
+                self.thresholds, self.sample_errors, self.learned_on, self.sample_agreement = None, 0, 0, None
+        passes += self._bounds(len(passes))
+        self.later = [sum(e.requests for _, e, _ in passes[k + 1:]) for k in range(len(passes))]
+        return PlanEstimate(passes)
+
+    def _bounds(self, planned: int) -> list[tuple[str, Estimate, str]]:
+        """The passes after the first ``planned``, at most: the sample, and every other row (~30% expected)."""
+        n, strong = len(self.prepared), self.spec.strong
         sample = self.spec.sample_size(n)
         probe = [m for m in map(self._rendered, range(0, n, max(1, n // 20))) if m is not None]
         prompt = int(sum(map(estimate_prompt_tokens, probe)) / len(probe)) if probe else 0
         reply = int(self.strong_body.get("max_tokens") or self.strong_body.get("max_completion_tokens") or 0)
-        rest = n - sample
-        expected_rest = math.ceil(rest * EXPECTED_UNSURE)
-        at_most = estimate(self.spec.strong, sample + rest, prompt * (sample + rest), reply * (sample + rest))
-        expected = estimate(self.spec.strong, sample + expected_rest, prompt * (sample + expected_rest),
-                            reply * (sample + expected_rest))
-        total = CascadeEstimate(first.requests + sample + rest, first.prompt_tokens + at_most.prompt_tokens,
-                                first.max_completion_tokens + at_most.max_completion_tokens,
-                                _sum(first.expected_cost, expected.expected_cost), _sum(first.max_cost, at_most.max_cost))
-        total.words = (f"{first.requests:,} requests to {self.spec.cheap}, {sample:,} to {self.spec.strong} on the "
-                       f"sample, up to {rest:,} more on unsure rows (~{expected_rest:,} expected)")
-        return total
+        at = lambda rows: estimate(strong, rows, prompt * rows, reply * rows)  # noqa: E731
+        out = [(f"{strong} on the sample", at(sample), "≤")] if planned < 2 else []
+        if planned < 3:
+            rest = n - sample
+            expected = math.ceil(rest * EXPECTED_UNSURE)
+            out.append((f"{strong} on the unsure rows (~{expected:,} expected)",
+                        at(rest)._replace(expected_cost=at(expected).expected_cost), "≤"))
+        return out
 
     def _rendered(self, request: int) -> Any:
         try:
             return self.prepared.render(request)
-        except RenderError:  # the cheap pass has failed that row already
+        except RenderError:  # the cheap pass fails that row
             return None
 
-    def next(self, staged: StagedEngine, done: Stage) -> Stage | None:
-        cheap = self.stages[0].engine.outcomes
-        n = len(cheap)
-        if len(self.stages) == 1:
-            candidates = [k for k in cheap.rows_with(OK) if cheap[k].extra is not None]
-            size = min(self.spec.sample_size(n), len(candidates))
-            rng = np.random.default_rng(0)
-            self.sample_rows = sorted(rng.choice(candidates, size=size, replace=False).tolist()) if size else []
-            self._assign(self.sample_rows, 1)
-            stage = staged.stage(f"cascade 2/3: {self.spec.strong} on a sample of {size:,} rows (learning the band)",
-                                 self.strong_body, _Rows(self.prepared, self.sample_rows))
-            self.stages.append(stage)
-            self.stage_name = "strong model on the sample"
-            return stage
-        if len(self.stages) == 2:
-            self._learn()
-            keep, unsure = self._route()
-            self.source[keep] = 0
-            self.position[keep] = keep
-            self.unsure_rows = unsure
-            self.settle(staged, None)
-            if not unsure:
-                self.stage_name = "done"
-                return None
-            self._assign(unsure, 2)
-            stage = staged.stage(f"cascade 3/3: {self.spec.strong} on {len(unsure):,} unsure rows",
-                                 self.strong_body, _Rows(self.prepared, unsure))
-            self.stages.append(stage)
+    async def run(self, staged: Staged) -> None:
+        spec = self.spec
+        self.stage_name = "cheap pass"
+        if not await self._send(staged, self.cheap, f"cascade 1/3: {spec.cheap} on every row", None):
+            return
+        cheap = self.cheap.outcomes
+        self.sample_rows = self._choose_sample(cheap)
+        self.stage_name = "strong model on the sample"
+        sample = self._strong_engine(staged, self.sample_rows)
+        if not await self._send(staged, sample, f"cascade 2/3: {spec.strong} on a sample of {len(self.sample_rows):,} "
+                                "rows (learning the band)", self.sample_rows):
+            return
+        self._learn(cheap, self.sample_rows, sample.outcomes)
+        keep, self.unsure_rows = self._route(cheap, self.sample_rows)
+        self.source[keep] = 0
+        self.position[keep] = keep
+        self._copy()
+        if self.unsure_rows:
             self.stage_name = "strong model on the unsure rows"
-            return stage
+            if not await self._send(staged, self._strong_engine(staged, self.unsure_rows),
+                                    f"cascade 3/3: {spec.strong} on {len(self.unsure_rows):,} unsure rows",
+                                    self.unsure_rows):
+                return
         self.stage_name = "done"
-        return None
 
-    def settle(self, staged: StagedEngine, reason: str | None) -> None:
-        """Copy every final stage outcome not yet copied; with ``reason``, cancel the rows still open."""
+    async def _send(self, staged: Staged, engine: Engine, name: str, rows: list[int] | None) -> bool:
+        """One pass (the final one of ``rows``): within the budget, started, awaited, its outcomes copied;
+        False when the run stopped."""
+        await engine.prepare()
+        if engine.estimate.requests and staged.over_budget(name):
+            return False
+        staged.progress.own_note = name
+        self.engines.append(engine)
+        if rows is not None:
+            self.source[rows] = len(self.engines) - 1
+            self.position[rows] = np.arange(len(rows))
+        run = staged.start(engine, engine.source, name)
+        finished = await staged.follow(run, later=self.later[len(self.engines) - 1])
+        self._copy()
+        return finished
+
+    def _copy(self) -> None:
+        """Copy every final pass outcome not yet copied."""
         final = self.outcomes
-        if self.stages:
-            cheap = self.stages[0].engine.outcomes
+        if self.engines:
+            cheap = self.engines[0].outcomes
             skipped = [k for k in cheap.rows_with(SKIPPED) if self.source[k] < 0]
             self.source[skipped] = 0
             self.position[skipped] = skipped
         pending = np.flatnonzero(np.frombuffer(final.status, dtype=np.uint8) == Outcomes.code(PENDING))
         for k in pending[self.source[pending] >= 0].tolist():
-            stage = self.stages[self.source[k]].engine.outcomes
-            outcome = stage[int(self.position[k])]
+            outcome = self.engines[self.source[k]].outcomes[int(self.position[k])]
             if outcome.status != PENDING:
                 final[k].copy_from(outcome)
-        if reason is not None:
-            if self.stage_name != "done":
-                self.stage_name = "stopped"
-            final.settle_pending(CANCELLED, reason)
 
-    # ---- learning and routing ---------------------------------------------------------
+    def settle(self, reason: str) -> None:
+        """The run has stopped: the final outcomes copied, the rows still open cancelled with ``reason``."""
+        self._copy()
+        if self.stage_name != "done":
+            self.stage_name = "stopped"
+        super().settle(reason)
+
+    # ---- sampling, learning and routing -------------------------------------------------
+
+    def _choose_sample(self, cheap: Outcomes) -> list[int]:
+        """A fixed random sample of the rows the cheap model decided with a confidence."""
+        candidates = [k for k in cheap.rows_with(OK) if cheap[k].extra is not None]
+        size = min(self.spec.sample_size(len(cheap)), len(candidates))
+        rng = np.random.default_rng(0)
+        return sorted(rng.choice(candidates, size=size, replace=False).tolist()) if size else []
 
     def _value(self, outcome: Any) -> Any:
         parsed = outcome.parsed
         return parsed.get(self.field) if outcome.status == OK and isinstance(parsed, dict) else None
 
-    def _learn(self) -> None:
-        cheap, strong = self.stages[0].engine.outcomes, self.stages[1].engine.outcomes
+    def _learn(self, cheap: Outcomes, sample_rows: list[int], strong: Outcomes) -> None:
         groups, confidence, disagree = [], [], []
-        for j, k in enumerate(self.sample_rows):
+        for j, k in enumerate(sample_rows):
             mine, theirs = self._value(cheap[k]), self._value(strong[j])
             if mine is None or theirs is None or cheap[k].extra is None:
                 continue
@@ -331,7 +364,7 @@ class CascadePlan:
             disagree.append(mine != theirs)
         self.learned_on = len(groups)
         decided = len(cheap) - cheap.count_status(SKIPPED)
-        outside = (decided - len(self.sample_rows)) / decided if decided else 0.0
+        outside = (decided - len(sample_rows)) / decided if decided else 0.0
         if not groups:
             self.thresholds = {}
             return
@@ -341,10 +374,9 @@ class CascadePlan:
         self.thresholds = {value: thresholds[i] for value, i in codes.items()}
         self.sample_agreement = 1 - sum(disagree) / len(disagree)
 
-    def _route(self) -> tuple[list[int], list[int]]:
+    def _route(self, cheap: Outcomes, sample_rows: list[int]) -> tuple[list[int], list[int]]:
         """Rows outside the sample: (kept from the cheap model, sent to the strong one)."""
-        cheap = self.stages[0].engine.outcomes
-        in_sample = set(self.sample_rows)
+        in_sample = set(sample_rows)
         keep, unsure = [], []
         for k in range(len(cheap)):
             if k in in_sample:
@@ -359,10 +391,6 @@ class CascadePlan:
             else:
                 unsure.append(k)
         return keep, unsure
-
-    def _assign(self, rows: list[int], stage: int) -> None:
-        self.source[rows] = stage
-        self.position[rows] = np.arange(len(rows))
 
     # ---- reporting -------------------------------------------------------------------
 
@@ -385,8 +413,8 @@ class CascadePlan:
             "cost": None, "strong_only_cost": None, "cost_ratio": None,
             "sample_agreement": self.sample_agreement, "agreement": None, "agreement_bound": None,
         }
-        for stage in self.stages:
-            report["requests"][stage.model] += len(stage.engine.outcomes)
+        for engine in self.engines:
+            report["requests"][engine.model] += len(engine.outcomes)
         if self.thresholds is not None and self.learned_on:
             report["agreement"] = 1 - self.sample_errors / self.learned_on * outside
             report["agreement_bound"] = 1 - wilson_upper(self.sample_errors, self.learned_on) * outside
@@ -396,15 +424,15 @@ class CascadePlan:
     def _costs(self, decided: int) -> dict[str, Any]:
         """The cascade's price (every answer at list price, cached or not) against the strong model on every row."""
         total, strong_cost, strong_rows = 0.0, 0.0, 0
-        for stage in self.stages:
-            outcomes = stage.engine.outcomes
+        for engine in self.engines:
+            outcomes = engine.outcomes
             for k in outcomes.rows_with(OK):
                 o = outcomes[k]
-                usd = cost_of(stage.model, o.prompt_tokens, o.completion_tokens)
+                usd = cost_of(engine.model, o.prompt_tokens, o.completion_tokens)
                 if usd is None:
                     return {}
                 total += usd
-                if stage.model == self.spec.strong:
+                if engine.model == self.spec.strong:
                     strong_cost, strong_rows = strong_cost + usd, strong_rows + 1
         if not strong_rows:
             return {"cost": total}
@@ -428,21 +456,6 @@ class CascadePlan:
         return "; ".join(parts)
 
 
-def _sum(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None else a + b
-
-
-class CascadeEstimate(Estimate):
-    """A cascade's estimate: the totals of ``Estimate`` (at most: every row also to the strong model), in words per stage."""
-
-    words = ""
-
-    def __str__(self) -> str:
-        if self.max_cost is None:
-            return f"{self.words}: cost unknown (no price for a model)"
-        return f"{self.words}: ~{format_usd(self.expected_cost)} expected, at most {format_usd(self.max_cost)}"
-
-
 class CascadeRun(StagedRun):
     """A ``Run`` of a cascade: ``run.cascade`` says how it went (see ``nbparrot.operators.cascade``)."""
 
@@ -450,19 +463,12 @@ class CascadeRun(StagedRun):
     def cascade(self) -> dict[str, Any]:
         """Stage, thresholds, sample size, rows and requests per model, cost against the strong model
         alone, and the estimated agreement with it."""
-        return self.engine.planner.report()
+        return self.engine.work.report()
 
 
 def launch(setup: Any, prepared: Any, body: Mapping[str, Any], shape: Any, *, spec: Cascade, schema: Any,
            field: str, label: str) -> CascadeRun:
-    """Start ``filter`` / ``classify``'s cascade (the models' stages under one ``CascadeRun``)."""
-    plan = CascadePlan(spec, prepared, body, field)
-
-    def staged(endpoint: Any, _body: Any, _prepared: Any, settings: Any, *, schema: Any = None, cache: Any = None,
-               refresh: bool = False) -> StagedEngine:
-        engine = StagedEngine(endpoint, settings, plan, plan.outcomes, schema=schema, cache=cache, refresh=refresh)
-        engine.models = (spec.cheap, spec.strong)
-        return engine
-
-    return api.launch(setup, prepared, body, shape, schema=schema, engine=staged, run_class=CascadeRun,
-                      label=f"{label} · cascade {spec.cheap} → {spec.strong}, target {spec.target:.0%}")
+    """Start ``filter`` / ``classify``'s cascade (the models' passes under one ``CascadeRun``)."""
+    return launch_staged(setup, CascadeWork(spec, prepared, body, field, schema), shape,
+                         f"{label} · cascade {spec.cheap} → {spec.strong}, target {spec.target:.0%}",
+                         models=(spec.cheap, spec.strong), run_class=CascadeRun)

@@ -13,8 +13,8 @@ and scores each answer against the row's value in the ``expect`` column:
   variants' model). ``judge=False`` scores by exact match of the stripped, case-folded text.
 
 Rows without an expected value are left out before anything is sent. It is one ``Run`` (a
-``ScoredRun``; with a judge in two stages, the variants then the judge, see
-``nbparrot.engine.staged``); once it is done ``run.scores`` has one row per variant (its template,
+``ScoredRun``; with a judge in two passes, the variants then the judge, see
+``nbparrot.staged``); once it is done ``run.scores`` has one row per variant (its template,
 accuracy, correct answers of scored rows, rows answered, cost at list price with cached answers
 counted, mean latency, and the judge's cost), and ``run.result()`` the rows -- the ones where the
 variants' answers differ first -- with the expected value, each variant's answer and whether it is
@@ -29,13 +29,13 @@ import math
 from typing import Any, Mapping, Sequence
 
 from .. import api
-from ..engine.staged import Stage, StagedEngine
+from ..engine import Engine
 from ..errors import ConfigError
 from ..options import CHAT, RUN, check_options, takes_options
-from ..outcomes import CANCELLED, OK
+from ..outcomes import OK, Outcomes
 from ..prepare import prepare
 from ..pricing import cost_of, estimate, format_usd
-from ..run import StagedRun
+from ..staged import PlanEstimate, Staged, StagedRun, Work, launch_staged
 from ..templates import Template
 from .decisions import classify_request, filter_request, normalize_labels
 
@@ -80,60 +80,65 @@ def _same_text(a: Any, b: Any) -> bool:
     return isinstance(a, str) and a.strip().casefold() == str(b).strip().casefold()
 
 
-class ScoringPlan:
-    """The variants' stage, then the judge's (free text); the run's outcomes are the variants' answers."""
+class ScoringWork(Work):
+    """The variants' pass, then the judge's (free text); the run's outcomes are the variants' answers."""
 
-    def __init__(self, prepared: Any, body: Mapping[str, Any], task: str, field: str | None, expected: list,
-                 judge: str | None, judge_body: Mapping[str, Any] | None, judge_system: str | None, judge_schema: Any):
-        self.prepared, self.body, self.task, self.field, self.expected = prepared, body, task, field, expected
-        self.judge, self.judge_body, self.judge_system, self.judge_schema = judge, judge_body, judge_system, judge_schema
-        self.stages: list[Stage] = []
+    def __init__(self, prepared: Any, body: Mapping[str, Any], schema: Any, task: str, field: str | None,
+                 expected: list, judge: str | None, judge_body: Mapping[str, Any] | None, judge_system: str | None,
+                 judge_schema: Any):
+        self.prepared, self.body, self.schema, self.task, self.field = prepared, body, schema, task, field
+        self.expected, self.judge, self.judge_body = expected, judge, judge_body
+        self.judge_system, self.judge_schema = judge_system, judge_schema
+        self.outcomes = Outcomes(len(prepared))  # until ``plan`` makes the variants' pass: then its own
+        self.answers: Engine | None = None  # the variants' pass
+        self.judging: Engine | None = None  # the judge's pass, once started
         self.judged: list[int] = []  # judge request j -> the variant request it judges
         self.model = str(body["model"])
 
-    def first(self, staged: StagedEngine) -> Stage:
-        k = self.prepared.variants
-        stage = staged.stage(f"scoring: {k} variant(s) on {self.prepared.rows:,} rows", self.body, self.prepared)
-        staged.outcomes = stage.engine.outcomes  # the run's answers are the variants' own
-        self.stages.append(stage)
-        return stage
-
-    def estimate(self, staged: StagedEngine) -> Any:
-        first = self.stages[0].engine.estimate
-        if self.judge is None:
-            return first
-        n = len(self.prepared)
-        reply = first.max_completion_tokens // max(1, first.requests)
-        model = str(self.judge_body["model"])
-        judge = estimate(model, n, n * (first.prompt_tokens // max(1, first.requests) + reply),
-                         n * int(self.judge_body.get("max_tokens") or self.judge_body.get("max_completion_tokens") or 0))
-        add = lambda a, b: None if a is None or b is None else a + b  # noqa: E731
-        return type(first)(first.requests + judge.requests, first.prompt_tokens + judge.prompt_tokens,
-                           first.max_completion_tokens + judge.max_completion_tokens,
-                           add(first.expected_cost, judge.expected_cost), add(first.max_cost, judge.max_cost))
-
-    def next(self, staged: StagedEngine, done: Stage) -> Stage | None:
-        if self.judge is None or len(self.stages) > 1:
-            return None
-        outcomes, prepared, k = done.engine.outcomes, self.prepared, self.prepared.variants
+    def _judge_engine(self, staged: Staged) -> Engine:
+        """The judge's pass over the variants' text answers so far."""
+        outcomes, prepared, k = self.answers.outcomes, self.prepared, self.prepared.variants
         self.judged = [r for r in outcomes.rows_with(OK) if isinstance(outcomes[r].content, str)]
         records = [{"answer": outcomes[r].content, "expected": self.expected[r // k],
                     "prompt": prepared.user_text(r) or ""} for r in self.judged]
         source = prepare(records, self.judge, system=self.judge_system)
-        stage = staged.stage(f"scoring: the judge on {len(records):,} answers", self.judge_body, source,
-                             schema=self.judge_schema)
-        self.stages.append(stage)
-        return stage
+        return staged.engine(source, self.judge_body, schema=self.judge_schema)
 
-    def settle(self, staged: StagedEngine, reason: str | None) -> None:
-        if reason is not None:
-            staged.outcomes.settle_pending(CANCELLED, reason)
+    async def plan(self, staged: Staged) -> PlanEstimate:
+        """The variants as planned; the judge planned through the cache when they are found whole
+        there, else at most one request per answer."""
+        staged.progress.own_note = "preparing the variants"
+        self.answers = staged.engine(self.prepared, self.body, schema=self.schema)
+        self.outcomes = self.answers.outcomes
+        first = await self.answers.prepare()
+        passes = [("variants", first, "")]
+        if self.judge is not None and not first.requests:
+            passes.append(("judge", await self._judge_engine(staged).prepare(), ""))
+        elif self.judge is not None:
+            n = len(self.prepared)
+            reply = first.max_completion_tokens // max(1, first.requests)
+            most = int(self.judge_body.get("max_tokens") or self.judge_body.get("max_completion_tokens") or 0)
+            passes.append(("judge", estimate(str(self.judge_body["model"]), n,
+                                             n * (first.prompt_tokens // max(1, first.requests) + reply), n * most), "≤"))
+        return PlanEstimate(passes)
+
+    async def run(self, staged: Staged) -> None:
+        k = self.prepared.variants
+        staged.progress.own_note = f"scoring: {k} variant(s) on {self.prepared.rows:,} rows"
+        run = staged.start(self.answers, self.prepared, "scoring: the variants")
+        later = len(self.prepared) if self.judge is not None else 0
+        if not await staged.follow(run, shown=True, later=later) or self.judge is None:
+            return
+        judge = self._judge_engine(staged)
+        await judge.prepare()
+        if judge.estimate.requests and staged.over_budget("the judge"):
+            return
+        staged.progress.own_note = f"scoring: the judge on {len(self.judged):,} answers"
+        self.judging = judge
+        await staged.follow(staged.start(judge, judge.source, "scoring: the judge"))
 
     def model_of(self, request: int) -> str:
         return self.model
-
-    def describe(self) -> str:
-        return ""
 
     # ---- scores ---------------------------------------------------------------------
 
@@ -147,17 +152,16 @@ class ScoringPlan:
 
     def verdicts(self) -> list:
         """Per variant request: right (True), wrong (False), or None when there is no answer or verdict."""
-        outcomes = self.stages[0].engine.outcomes if self.stages else None
-        if outcomes is None:
+        if self.answers is None:
             return []
-        k = self.prepared.variants
+        outcomes, k = self.answers.outcomes, self.prepared.variants
         values = [self.answer(outcomes[r]) for r in range(len(outcomes))]
         if self.judge is None:
             same = _same_text if self.task == "map" else (lambda a, b: a == b)
             return [None if v is None else same(v, self.expected[r // k]) for r, v in enumerate(values)]
         out: list = [None] * len(values)
-        if len(self.stages) > 1:
-            judge = self.stages[1].engine.outcomes
+        if self.judging is not None:
+            judge = self.judging.outcomes
             for j, r in enumerate(self.judged):
                 parsed = judge[j].parsed if judge[j].status == OK else None
                 if isinstance(parsed, dict):
@@ -173,14 +177,14 @@ class ScoredRun(StagedRun):
         """One row per variant: template, accuracy, correct, scored, answered, cost, mean latency, judge cost."""
         import pandas as pd
 
-        plan: ScoringPlan = self.engine.planner
+        plan: ScoringWork = self.engine.work
         outcomes, k = self.outcomes, self.prepared.variants
         verdicts = plan.verdicts()
         judge_costs = [0.0] * k
-        if len(plan.stages) > 1:
-            judge = plan.stages[1]
+        if plan.judging is not None:
+            judge = plan.judging
             for j, r in enumerate(plan.judged):
-                o = judge.engine.outcomes[j]
+                o = judge.outcomes[j]
                 usd = cost_of(judge.model, o.prompt_tokens, o.completion_tokens)
                 judge_costs[r % k] = None if usd is None or judge_costs[r % k] is None else judge_costs[r % k] + usd
         rows = []
@@ -206,7 +210,7 @@ class _RowsShape:
     def __call__(self, run: ScoredRun) -> Any:
         import pandas as pd
 
-        plan: ScoringPlan = run.engine.planner
+        plan: ScoringWork = run.engine.work
         prepared, k = run.prepared, run.prepared.variants
         outcomes, verdicts = run.outcomes, plan.verdicts()
         columns: dict[str, list] = {"expected": list(plan.expected)}
@@ -280,20 +284,12 @@ def compare(data: Any, variants: str | Sequence[str], *, expect: str, task: str 
         judge_body.pop("temperature", None)
         judge_system, judge_schema = filter_request(None)
     field = {"filter": "answer", "classify": "label"}.get(task)
-    plan = ScoringPlan(prepared, body, task, field, expected, judge_template, judge_body, judge_system, judge_schema)
-
-    def staged(endpoint: Any, _body: Any, _prepared: Any, settings: Any, *, schema: Any = None, cache: Any = None,
-               refresh: bool = False) -> StagedEngine:
-        from ..outcomes import Outcomes
-
-        engine = StagedEngine(endpoint, settings, plan, Outcomes(len(prepared)), schema=schema, cache=cache,
-                              refresh=refresh)
-        engine.models = (setup.model,) if judge_body is None or judge_body["model"] == setup.model \
-            else (setup.model, judge_body["model"])
-        return engine
-
-    return api.launch(setup, prepared, body, _RowsShape(), schema=schema, engine=staged, run_class=ScoredRun,
-                      label=f"scoring {len(templates)} variant(s) against {expect!r}")
+    work = ScoringWork(prepared, body, schema, task, field, expected, judge_template, judge_body, judge_system,
+                       judge_schema)
+    models = (setup.model,) if judge_body is None or judge_body["model"] == setup.model \
+        else (setup.model, judge_body["model"])
+    return launch_staged(setup, work, _RowsShape(), f"scoring {len(templates)} variant(s) against {expect!r}",
+                         models=models, run_class=ScoredRun)
 
 
 def scores_html(run: ScoredRun, width: int = 120) -> str:
@@ -307,7 +303,7 @@ def scores_html(run: ScoredRun, width: int = 120) -> str:
     lines = []
     for v, s in scores.iterrows():
         latency = f"{s['mean_latency']:.2f}s" if s["mean_latency"] is not None and s["mean_latency"] == s["mean_latency"] else "–"
-        cost = format_usd(s["cost"], 5) + (f" + judge {format_usd(s['judge_cost'], 5)}" if run.engine.planner.judge else "")
+        cost = format_usd(s["cost"], 5) + (f" + judge {format_usd(s['judge_cost'], 5)}" if run.engine.work.judge else "")
         lines.append(f"<tr><td>{v}</td><td style='text-align:left'><code>{cut(s['template'])}</code></td>"
                      f"<td><b>{s['accuracy']:.0%}</b></td><td>{s['correct']}/{s['scored']}</td>"
                      f"<td>{s['answered']}</td><td>{cost}</td><td>{latency}</td></tr>")

@@ -2,7 +2,7 @@
 by a criterion) and ``join`` (the pairs of two tables a predicate holds for, optionally narrowed by
 embeddings first).
 
-Each is a run of several passes on the shared runtime (``stages``): one ``Run`` at once in a
+Each is a run of several passes on the shared runtime (``nbparrot.staged``): one ``Run`` at once in a
 notebook with one panel and Cancel, one estimate of every pass before anything is sent,
 ``max_cost`` / ``confirm_over`` over the whole, the cache (a rerun sends nothing) and one outcome
 per request in each pass (``run.passes``, ``run.errors``).

@@ -4,7 +4,7 @@ Level 1 packs each group's rows, in input order, into requests that fit the mode
 (the prompt estimate plus ``max_tokens`` for the answer); every row goes into exactly one of them
 and no request mixes groups. Each next level packs a group's answers from the level before the
 same way, until one answer per group is left; a group that fits in one request is answered at
-level 1. Levels run one after another, each one pass of the shared runtime (``stages``): the
+level 1. Levels run one after another, each one pass of the shared runtime (``nbparrot.staged``): the
 panel says which level is being worked, Cancel stops the level in flight, and ``max_cost`` is
 one budget over all of them. A request refused with ``context_length_exceeded`` (the estimate
 was short for this tokenizer) is split in two halves and both are sent, at the same level,
@@ -27,7 +27,7 @@ from ...outcomes import OK
 from ...pricing import estimate
 from ...tokens import estimate_prompt_tokens, estimate_text_tokens
 from .items import Items, as_frame, items_of, left_out
-from .stages import PlanEstimate, Requests, StagedRun, launch_staged
+from ...staged import PlanEstimate, Requests, StagedRun, Work, launch_staged
 
 __all__ = ["agg", "CONTEXT_TOKENS", "context_tokens_of"]
 
@@ -72,7 +72,7 @@ def _exceeded(error: str | None) -> bool:
     return "context_length_exceeded" in text or "maximum context length" in text
 
 
-class _AggWork:
+class _AggWork(Work):
     """The levels of one ``agg`` run: packing, planning and running them."""
 
     def __init__(self, setup: Any, groups: list[list[str]], instruction: str, context: int):

@@ -37,7 +37,7 @@ from ..embeddings.query import _frame_corpus
 from ..embeddings.vectors import EmbedRun, _params
 from ..similarity import nearest
 from .items import as_frame
-from .stages import PlanEstimate, StagedRun, launch_staged
+from ...staged import PlanEstimate, StagedRun, Work, launch_staged
 
 __all__ = ["join", "MAX_PAIRS"]
 
@@ -101,7 +101,7 @@ def _pairs_frame(left: Any, right: Any, fields: list, lpos: np.ndarray, rpos: np
     return pd.DataFrame(data, index=pd.RangeIndex(len(lpos)))
 
 
-class _JoinWork:
+class _JoinWork(Work):
     """The passes of one ``join``: (embeddings,) then the pairs through ``filter``."""
 
     def __init__(self, setup: Any, left: Any, right: Any, predicate: str, template: str, fields: list,

@@ -33,7 +33,7 @@ from ...pricing import estimate
 from ...structured import Schema
 from ...tokens import estimate_prompt_tokens
 from .items import as_frame, items_of, left_out
-from .stages import PlanEstimate, Requests, StagedRun, launch_staged
+from ...staged import PlanEstimate, Requests, StagedRun, Work, launch_staged
 
 __all__ = ["topk"]
 
@@ -53,7 +53,7 @@ def _compare_schema() -> Schema:
     return Schema({"better": typing.Literal["A", "B"]})
 
 
-class _TopkWork:
+class _TopkWork(Work):
     """The passes of one ``topk`` run: scores, then comparison rounds."""
 
     def __init__(self, setup: Any, frame: Any, texts: list[str | None], instruction: str, k: int):

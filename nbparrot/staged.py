@@ -1,16 +1,24 @@
-"""Runs made of several passes (``agg``'s levels, ``topk``'s scoring and rounds, ``join``'s embedding
-and pairs), seen and steered as one ``Run``.
+"""Runs made of several passes of requests, seen and steered as one ``Run``: ``agg``'s levels,
+``topk``'s scoring and rounds, ``join``'s embedding and pairs, a cascade's cheap model, sample and
+unsure rows, scoring's variants and judge.
 
-A ``StagedRun`` is a ``Run`` whose engine is a ``Staged``: the operator's own code (a *work*, with
+A ``StagedRun`` is a ``Run`` whose engine is a ``Staged``: the operator's own code (a ``Work``, with
 ``async plan(staged)`` and ``async run(staged)``) decides the passes, and each pass is an ordinary
-child ``Run`` (its own engine, cache, retries and outcomes, started silently on the same loop). So
-the promises of one run hold across the passes: the call returns at once in a notebook with one
-panel and one Cancel, ``await run`` gives the final result, the estimate covers every pass before
-anything is sent (passes found whole in the cache are planned through, so a rerun is estimated at
-0 requests), ``confirm_over`` asks once, and ``max_cost`` is one budget: each pass may spend what
-the earlier ones left. Cancel stops the pass in flight (its answered requests are kept, and
-cached) and starts no further pass; a rerun resumes from the cache. Usage is recorded by the
-passes, each once.
+child ``Run`` (its own engine, model, cache, retries and outcomes, started silently on the same
+loop). So the promises of one run hold across the passes: the call returns at once in a notebook
+with one panel (its note names the pass) and one Cancel, ``await run`` gives the final result, the
+estimate covers every pass before anything is sent (shown pass by pass; passes found whole in the
+cache are planned through, so a rerun is estimated at 0 requests), ``confirm_over`` asks once, and
+``max_cost`` is one budget: each pass may spend what the earlier ones left. Cancel stops the pass in
+flight (its answered requests are kept, and cached) and starts no further pass; a rerun resumes
+from the cache. Usage and cost are each pass's, at its own model (``run.usage`` per model), recorded
+by the passes, each once.
+
+A work whose answers are one per input row (a cascade, scoring) also gives ``prepared`` (the rows'
+requests) and ``outcomes`` (each row's final outcome, assembled from its passes): those are then
+the run's own (its result, ``errors``, ``meta=True``, the panel's preview), ``model_of`` names the
+model behind each row, and the summary counts rows. Any other work's result is its own (its shape
+reads the work), and ``run.errors`` lists the passes' failed requests.
 """
 
 from __future__ import annotations
@@ -19,14 +27,44 @@ import asyncio
 import dataclasses
 from typing import Any, Callable, Iterator
 
-from ...engine import Engine
-from ...errors import BudgetExceededError, ConfigError
-from ...outcomes import Outcomes
-from ...panel import Silent, make_view
-from ...pricing import Estimate, format_usd, price_of
-from ...run import Run
+from .engine import Engine
+from .errors import BudgetExceededError, ConfigError
+from .outcomes import CANCELLED, OK, Outcomes
+from .panel import Silent, make_view
+from .pricing import Estimate, format_usd, price_of
+from .run import Run
 
-__all__ = ["Requests", "PlanEstimate", "Staged", "StagedRun", "launch_staged"]
+__all__ = ["Work", "Requests", "PlanEstimate", "Staged", "StagedRun", "launch_staged"]
+
+
+class Work:
+    """What an operator gives a staged run (see the module docstring): ``plan`` and ``run`` its passes;
+    a per-row work also sets ``prepared`` and ``outcomes`` (and ``schema``, the rows' answer schema)."""
+
+    prepared: Any = None
+    outcomes: Outcomes | None = None
+    schema: Any = None
+
+    async def plan(self, staged: "Staged") -> "PlanEstimate":
+        """Every pass's estimate, before anything is sent (planning through passes found whole in the cache)."""
+        raise NotImplementedError
+
+    async def run(self, staged: "Staged") -> None:
+        """The passes, each made with ``staged.engine``, started with ``staged.start``, awaited with ``staged.follow``."""
+        raise NotImplementedError
+
+    def settle(self, reason: str) -> None:
+        """The run has stopped: every row still without a final outcome gets CANCELLED with ``reason``."""
+        if self.outcomes is not None:
+            self.outcomes.settle_pending(CANCELLED, reason)
+
+    def model_of(self, request: int) -> str | None:
+        """The model behind request ``request``'s final answer (None: the run's model)."""
+        return None
+
+    def describe(self) -> str:
+        """Words for the end of the run's summary line ("" for none)."""
+        return ""
 
 
 class Requests:
@@ -181,12 +219,10 @@ class Staged:
     """The engine of a ``StagedRun``: plans (``prepare``/``plan``) and runs (``run``) the work's passes."""
 
     batch = False
-    schema = None
 
-    def __init__(self, setup: Any, work: Any):
-        self.setup, self.work = setup, work
+    def __init__(self, setup: Any, work: Work, models: tuple[str, ...]):
+        self.setup, self.work, self.models = setup, work, models
         self.endpoint = setup.endpoint
-        self.model = setup.model
         self.runs: list[Run] = []  # the passes started, in order
         self.current: Run | None = None  # the pass in flight
         self.shown: Run | None = None  # the pass the panel's preview shows
@@ -211,16 +247,35 @@ class Staged:
         found = next((run.engine.budget_stop for run in self.runs if run.engine.budget_stop is not None), None)
         return self._budget_stop or found
 
+    def preview(self) -> Run | None:
+        """The pass whose requests and outcomes stand for the run's: none for a per-row work (its own
+        are), else the one shown, or the last started."""
+        if self.work.prepared is not None:
+            return None
+        return self.shown or (self.runs[-1] if self.runs else None)
+
     @property
     def outcomes(self) -> Outcomes:
-        run = self.shown or (self.runs[-1] if self.runs else None)
-        return run.outcomes if run is not None else Outcomes(0)
+        run = self.preview()
+        if run is not None:
+            return run.outcomes
+        return self.work.outcomes if self.work.outcomes is not None else Outcomes(0)
+
+    @property
+    def schema(self) -> Any:
+        return self.work.schema
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The first pass's request parameters (what ``meta=True`` shows)."""
+        return self.runs[0].engine.params if self.runs else {}
 
     def abandon(self, reason: str) -> None:
-        """Stop every pass still going (each marks its own unsent requests)."""
+        """Stop every pass still going (each marks its own unsent requests), and settle the work's rows."""
         for run in self.runs:
             if not run.done():
                 run.cancel()
+        self.work.settle(reason)
 
     # ---- planning and running --------------------------------------------------------------
 
@@ -252,6 +307,8 @@ class Staged:
         try:
             await self.work.run(self)
         finally:
+            stop = self.fatal or self.budget_stop
+            self.work.settle(f"not sent: the run stopped ({stop})" if stop else "cancelled before an answer arrived")
             self.progress.later = 0
             self.progress.finished = loop.time()
             self.progress.emit("finished", -1)
@@ -312,13 +369,14 @@ class StagedRun(Run):
     """A ``Run`` of several passes (see the module docstring); ``run.passes`` lists them."""
 
     def __init__(self, staged: Staged, *, shape: Callable[[Run], Any], label: str):
-        super().__init__(staged, Requests([], [], label), model=staged.model, shape=shape, label=label)
+        own = staged.work.prepared
+        super().__init__(staged, own if own is not None else Requests([], [], label), model=" → ".join(staged.models),
+                         shape=shape, label=label)
 
     @property
     def prepared(self) -> Any:
-        """The requests of the pass the preview shows (before any: an empty list)."""
-        staged = self.engine
-        run = staged.shown or (staged.runs[-1] if staged.runs else None)
+        """A per-row work's requests; else those of the pass the preview shows (before any: an empty list)."""
+        run = self.engine.preview()
         return run.prepared if run is not None else self._own_prepared
 
     @prepared.setter
@@ -332,10 +390,12 @@ class StagedRun(Run):
 
     @property
     def cost(self) -> float | None:
+        """USD spent so far over every pass, each at its model's price (None if one is unknown)."""
         return _total(run.cost for run in self.engine.runs)
 
     @property
     def usage(self) -> dict[str, dict[str, int]]:
+        """Requests, tokens and answered / cached requests per model, summed over the passes."""
         merged: dict[str, dict[str, int]] = {}
         for run in self.engine.runs:
             for model, figures in run.usage.items():
@@ -344,11 +404,17 @@ class StagedRun(Run):
                     into[key] = into.get(key, 0) + value
         return merged
 
+    def model_of(self, request: int) -> str:
+        return self.engine.work.model_of(request) or self.model
+
     @property
     def errors(self) -> Any:
-        """Requests without an answer, pass by pass (a ``pass`` column), less those a later pass made good."""
+        """A per-row work's rows without an answer; else the requests without one, pass by pass (a ``pass``
+        column), less those a later pass made good."""
         import pandas as pd
 
+        if self.engine.work.prepared is not None:
+            return super().errors
         frames = []
         for run in self.engine.runs:
             errors = run.errors
@@ -363,16 +429,36 @@ class StagedRun(Run):
     def _record_usage(self) -> None:
         """Nothing: each pass recorded its own."""
 
+    def summary(self) -> str:
+        """One line: status, answers (a per-row work's rows, else requests), requests per model, tokens,
+        cost, time, and the work's own words."""
+        work, p = self.engine.work, self.progress
+        if work.prepared is not None:
+            o = self.outcomes
+            done, total = o.count_status(OK), len(o)
+            counts = [("from cache", sum(o.cached))] + [(name, o.count_status(name))
+                                                        for name in ("failed", "cancelled", "skipped")]
+        else:
+            done, total = p.done, p.total
+            counts = [("from cache", p.cached), ("failed", p.failed), ("cancelled", p.cancelled), ("skipped", p.skipped)]
+        by_model = " + ".join(f"{u['requests']:,} requests to {model}" for model, u in self.usage.items())
+        return self._summary_line(done, total, counts, by_model, work.describe())
 
-def launch_staged(setup: Any, work: Any, shape: Callable[[Run], Any], label: str) -> StagedRun:
-    """Start a run of ``work``'s passes with the shared options' display and confirmation."""
-    if setup.options.get("meta"):
+
+def launch_staged(setup: Any, work: Work, shape: Callable[[Run], Any], label: str, *,
+                  models: tuple[str, ...] | None = None, run_class: type[StagedRun] = StagedRun) -> StagedRun:
+    """Start a run of ``work``'s passes (sent to ``models``, default the run's) with the shared options'
+    display and confirmation; ``meta=True`` and ``max_cost`` without a price refused first."""
+    models = tuple(models or (setup.model,))
+    if setup.options.get("meta") and work.prepared is None:
         raise ConfigError(f"meta=True is not offered for {label.split(':')[0].split()[0]}: run.passes holds each "
                           "pass's run, with its outcomes (run.passes[i].outcomes, .errors, .usage)")
-    if setup.settings.max_cost is not None and price_of(setup.model) is None:
-        raise ConfigError(f"max_cost cannot be kept: the price of {setup.model!r} is unknown; "
-                          "set it with nbparrot.set_price(model, input=..., output=...)")
-    run = StagedRun(Staged(setup, work), shape=shape, label=label)
+    if setup.settings.max_cost is not None:
+        for model in models:
+            if price_of(model) is None:
+                raise ConfigError(f"max_cost cannot be kept: the price of {model!r} is unknown; "
+                                  "set it with nbparrot.set_price(model, input=..., output=...)")
+    run = run_class(Staged(setup, work, models), shape=shape, label=label)
     options = setup.options
     return run.start(make_view if options.get("progress", True) else Silent,
                      ask_over=None if options.get("confirm") else options.get("confirm_over"))
