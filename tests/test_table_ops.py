@@ -320,3 +320,19 @@ def test_on_a_kernel_each_operator_returns_at_once_cancels_resumes_and_reruns_fr
         agg = json.loads(results["agg"])
         assert sorted(expected_seen(agg["s0"])) == sorted(f"r{i}" for i in range(0, 120, 2))
         assert len(json.loads(results["topk"])["rank"]) == 4
+
+
+def test_join_passes_a_cascade_through_and_meets_its_target(make_server):
+    server = make_server(latency_ms=1)
+    left, right, _ = tables()
+    left["note"] = [t + (" <<hard>>" if i % 5 == 0 else "") for i, t in enumerate(left.note)]
+    run = left.llm.join(right, "{left.note} goes with {right.card}", base_url=server.base_url, api_key=KEY, progress=False,
+                        cascade=("mock-weak", "mock-strong"), target=0.9)
+    pairs = run.result()
+    got = {(int(note.split("note ")[1].split()[0]), int(n)) for note, n in zip(pairs.note, pairs.n)}
+    # the truth is the strong model's decision on every pair, as the server's rule gives it
+    strong = {(i, j) for i, note in enumerate(left.note) for j, card in enumerate(right.card)
+              if expected_match(f"{note} goes with {card}")}
+    agreement = 1 - len(got ^ strong) / (len(left) * len(right))
+    models = server.stats()["models"]
+    assert agreement >= 0.9 and models["mock-weak"] == 1200 and 0 < models["mock-strong"] < 1200
