@@ -80,10 +80,10 @@ class Pace:
 
 
 def format_eta(seconds: float) -> str:
-    """``~45 s``, ``~4 min``, ``~1 h 05 min``: as precise as an estimate deserves."""
+    """``~45s``, ``~4m``, ``~1h05m``: as precise as an estimate deserves, in the panel's time style."""
     if seconds <= 55:
-        return f"~{max(5, math.ceil(seconds / 5) * 5)} s"
+        return f"~{max(5, math.ceil(seconds / 5) * 5)}s"
     minutes = math.ceil(seconds / 60)
     if minutes < 60:
-        return f"~{minutes} min"
-    return f"~{minutes // 60} h {minutes % 60:02d} min"
+        return f"~{minutes}m"
+    return f"~{minutes // 60}h{minutes % 60:02d}m"

@@ -369,7 +369,7 @@ def stats_html(s: dict) -> str:
     projected = f" (projected {format_usd(s['projected'])})" if s["projected"] is not None else ""
     rates = _rates_text(s)
     lines = [f"<span class='nbparrot-counts'>{' · '.join(counts)}</span>",
-             f"tokens {look.num(s['tokens'])} · {format_usd(s['cost'])}{projected} · "
+             f"tokens <b>{s['tokens']:,}</b> · {format_usd(s['cost'])}{projected} · "
              f"elapsed {_fmt_secs(s['elapsed'])}{eta}{oldest}"]
     if rates:
         lines.append(f"<span class='nbparrot-rates'>{rates}</span>")

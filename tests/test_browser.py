@@ -156,8 +156,18 @@ def test_panel_words_rates_comparison_and_stream_in_light_and_dark(tmp_path, mak
         assert title.bounding_box()["height"] < 1.6 * line, "the title wraps"
         _shot(br, "01_running_light", br.cell(1))
 
-        br.run_cell(2, timeout=120)  # awaits the run, then a run with failing rows
         summary = panel.locator(".nbparrot-summary")
+        seen = []  # (elapsed, ETA shown) while the run goes: an ETA only after its first 10 s
+        while not summary.count() and len(seen) < 600:
+            text = panel.locator(".nbparrot-stats").inner_text() if panel.locator(".nbparrot-stats").count() else ""
+            found = re.search(r"elapsed ([\d.]+)s", text)
+            if found:
+                seen.append((float(found.group(1)), "ETA ~" in text))
+                if seen[-1][1] and not any(eta for _, eta in seen[:-1]):
+                    _shot(br, "01_running_eta_light", br.cell(1))
+            page.wait_for_timeout(100)
+        assert seen and all(elapsed >= 10 for elapsed, eta in seen if eta), seen
+        br.run_cell(2, timeout=120)  # awaits the run, then a run with failing rows
         summary.wait_for(timeout=60_000)
         assert "150/150 answered" in summary.inner_text()
         retries = panel.locator(".nbparrot-retries")

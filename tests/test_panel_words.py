@@ -124,8 +124,8 @@ def test_eta_does_not_follow_a_burst():
 
 
 def test_eta_and_dollars_formats():
-    assert [format_eta(s) for s in (3, 41, 59, 61, 3_599, 3_720)] == ["~5 s", "~45 s", "~1 min", "~2 min",
-                                                                      "~1 h 00 min", "~1 h 02 min"]
+    assert [format_eta(s) for s in (3, 41, 59, 61, 3_599, 3_720)] == ["~5s", "~45s", "~1m", "~2m", "~1h00m",
+                                                                      "~1h02m"]
     assert [format_usd(x) for x in (None, 0, 0.5, 1.35, 1234.567, 0.0123456, 0.000456, 0.0000001)] == [
         "cost unknown", "$0.00", "$0.50", "$1.35", "$1,234.57", "$0.0123", "$0.000456", "<$0.000001"]
 
