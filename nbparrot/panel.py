@@ -333,16 +333,19 @@ class Panel(_Ticker):
         self.bar.description = f"{finished}/{total}"
         self.stats.value = stats_html(s)
         self.error.value = faults_html(s, self.run.estimate)
+        self.error.layout.display = None if self.error.value else "none"  # no empty line under the stats
 
     def close(self) -> None:
         """Turn into a compact summary plus a preview of the first results."""
         run = self.run
         self._title()
         self._answered()
-        self.bar.bar_style = {"finished": "success", "cancelled": "warning", "stopped": "warning"}.get(run.status, "danger")
+        ended = {"finished": "warning" if run.progress.failed else "success", "cancelled": "warning", "stopped": "warning"}
+        self.bar.bar_style = ended.get(run.status, "danger")
         self.cancel_button.disabled = True
         self.cancel_button.layout.display = "none"
         self.error.value = ""
+        self.error.layout.display = "none"
         self.stats.value = summary_html(run, preview=self.preview)
 
 
@@ -404,8 +407,8 @@ def summary_html(run: "Run", preview: bool = True) -> str:
     if run.error is not None:
         parts.append(look.error(f"<b>stopped:</b> {html.escape(str(run.error))}", "nbparrot-failed"))
     elif p.failed and p.last_error:
-        parts.append(look.error(f"<b>{p.failed:,} failed</b>, the last: {html.escape(p.last_error[:300])} "
-                                "(see run.errors)", "nbparrot-failed"))
+        parts.append(look.error(f"<b>{p.failed:,} failed</b> (see run.errors); the last: "
+                                f"{html.escape(p.last_error[:300])}", "nbparrot-failed"))
     return "<br>".join(parts) + (_preview_html(run) if preview else "")
 
 
