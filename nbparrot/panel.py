@@ -421,10 +421,6 @@ def _execution_count() -> int | None:
         return None
 
 
-def _cut(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
 def _preview_html(run: "Run", rows: int = 5, width: int = 160) -> str:
     """Prompt beside answer for the first rows, so iterating on a prompt needs no extra cell."""
     out, tips = [], []
@@ -438,13 +434,13 @@ def _preview_html(run: "Run", rows: int = 5, width: int = 160) -> str:
         if isinstance(answer, list):
             answer = " | ".join(map(str, answer))
         answer = str(answer)
-        shown = html.escape(_cut(answer, width))
+        shown = html.escape(_fit(answer, width))
         if outcome.status != "ok":
             shown = look.error(shown)
         elif outcome.cached:
             shown += " " + look.muted("· cached", "nbparrot-cached")
-        out.append([html.escape(_cut(prompt, width)), shown])
-        tips.append([_cut(prompt, 2000) if len(prompt) > width else "", _cut(answer, 2000) if len(answer) > width else ""])
+        out.append([html.escape(_fit(prompt, width)), shown])
+        tips.append([_fit(prompt, 2000) if len(prompt) > width else "", _fit(answer, 2000) if len(answer) > width else ""])
     if not out:
         return ""
     return look.table("nbparrot-preview", ["prompt", "answer"], out, escape=False, tooltips=tips)
