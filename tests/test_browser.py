@@ -84,12 +84,17 @@ def _color(locator) -> str:
     return locator.evaluate("el => getComputedStyle(el).color")
 
 
-def _shot(br, name: str, locator=None) -> Path:
-    """A screenshot of the page, or of one element (scrolled into view), into build/artifacts/."""
+def _shot_path(br, name: str) -> Path:
     br.artifacts_dir.mkdir(parents=True, exist_ok=True)
     path = br.artifacts_dir / f"{br.prefix}{name}.png"
-    (locator or br.page).screenshot(path=str(path))
     br.screenshots.append(path)
+    return path
+
+
+def _shot(br, name: str, locator=None) -> Path:
+    """A screenshot of the page, or of one element (scrolled into view), into build/artifacts/."""
+    path = _shot_path(br, name)
+    (locator or br.page).screenshot(path=str(path))
     return path
 
 
@@ -196,7 +201,9 @@ def test_panel_words_rates_comparison_and_stream_in_light_and_dark(tmp_path, mak
         wait_until(lambda: "streaming…" in cue.inner_text() or None, timeout=30, message="no streaming cue")
         wait_until(lambda: re.search(r"~([1-9]\d{2,}|[5-9]\d) tokens", cue.inner_text()), timeout=60,
                    message=lambda: f"the cue never counted 50 tokens: {cue.inner_text()!r}")
-        _shot(br, "02_streaming_light", br.cell(5))
+        box = br.cell(5).bounding_box()  # the output grows while it streams: the shot takes room below it
+        page.screenshot(path=str(_shot_path(br, "02_streaming_light")),
+                        clip={**box, "height": box["height"] + 120})
         br.cell(5).locator(".nbparrot-stream button", has_text="Stop").click()
         output = br.cell(5).locator(".jp-OutputArea")
         wait_until(lambda: "stopped after" in output.inner_text() or None, timeout=30, message="Stop did nothing")
