@@ -34,11 +34,14 @@ from .operators import decisions, scoring
 from .cache import CachedAnswer, request_key
 from .config import configure, defaults, resolve_endpoint
 from .errors import NbparrotError
+from . import look
+from .panel import Panel, _in_kernel
 from .pricing import cost_of, format_usd
 from .run import Run, live_runs, record_usage, session_usage
 from .stream import stream_chat
 from .structured import Schema
 from .templates import Template
+from .tokens import estimate_text_tokens
 
 __all__ = ["NbparrotMagics", "load_ipython_extension"]
 
@@ -254,11 +257,18 @@ class NbparrotMagics(Magics):
             except NbparrotError as exc:
                 view.fail(str(exc))
                 return
+            except asyncio.CancelledError:
+                if not view.stopping:
+                    raise
+                view.stopped()
+                if not (parsed_schema is not None or args.json):  # a cut JSON answer would not parse
+                    self._bind(args, view.texts, None)
+                return
             record_usage(model, requests=1, prompt_tokens=result.prompt_tokens,
                          completion_tokens=result.completion_tokens)
             cost = cost_of(model, result.prompt_tokens, result.completion_tokens)
             note = (f"{result.prompt_tokens + result.completion_tokens:,} tokens · "
-                    f"{format_usd(cost, 5)} · {time.monotonic() - started:.1f}s")
+                    f"{format_usd(cost)} · {time.monotonic() - started:.1f}s")
             view.update(result.texts, final=True, note=note)
             if self._bind(args, result.texts, parsed_schema, view) and cache is not None:
                 content = result.texts if args.n > 1 else result.texts[0]
@@ -273,6 +283,7 @@ class NbparrotMagics(Magics):
         task = loop.create_task(go())
         _tasks.add(task)
         task.add_done_callback(_tasks.discard)
+        view.controls(task)
 
     def _bind(self, args: argparse.Namespace, texts: list[str], schema: Schema | None,
               view: "_StreamView | None" = None) -> bool:
@@ -291,18 +302,78 @@ class NbparrotMagics(Magics):
 
 
 class _StreamView:
-    """The streamed answer in the cell's output, redrawn at most every ``_REFRESH`` seconds."""
+    """The streamed answer in the cell's output, redrawn at most every ``_REFRESH`` seconds; below it,
+    while it streams in a kernel with ipywidgets, a Stop button and a "still going" line."""
 
     def __init__(self, n: int):
         self._n = n
+        self.texts = [""] * n
+        self.stopping = False  # Stop was clicked: the task's cancellation is ours
         self._handle = display(Markdown("*waiting for the answer…*"), display_id=True)
         self._last = 0.0
+        self._started = time.monotonic()
+        self._cue: Any = None
+        self._controls: Any = None
+        self._box: Any = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def controls(self, task: asyncio.Task) -> None:
+        """Show Stop and the cue under the answer; Stop cancels ``task`` and keeps what arrived."""
+        if not _in_kernel():
+            return
+        try:
+            import ipywidgets as w
+        except ImportError:
+            return
+        loop = task.get_loop()
+        self._cue = w.HTML(self._cue_html())
+        stop = w.Button(description="Stop", icon="stop", tooltip="Stop the answer here; the text so far is kept",
+                        layout=w.Layout(width="auto"))
+
+        def stop_now() -> None:
+            if not task.done():
+                self.stopping = True
+                task.cancel()
+
+        # the click may be handled on a kernel subshell thread: hand the cancel to the loop
+        stop.on_click(lambda _button: loop.call_soon_threadsafe(stop_now))
+        self._box = w.HBox([stop, self._cue])
+        self._box.add_class("nbparrot-stream")
+        self._controls = display(self._box, display_id=True)
+        self._tick(loop)
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Refresh the cue once a second, so a pause before the first token still shows life."""
+        self._cue.value = self._cue_html()
+        self._timer = loop.call_later(1.0, self._tick, loop)
+
+    def _cue_html(self) -> str:
+        seconds = time.monotonic() - self._started
+        tokens = sum(estimate_text_tokens(t) for t in self.texts)
+        what = f"streaming… {seconds:.0f} s, ~{tokens:,} tokens" if tokens else f"waiting for the first token… {seconds:.0f} s"
+        return f"<span class='nbparrot-cue' style='color:{look.MUTED}'>{what}</span>"
+
+    def _end(self) -> None:
+        """Take the controls away: the stream is over."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._controls is not None:
+            self._controls.update(HTML(""))
+            self._controls = None
+            for widget in (*self._box.children, self._box):
+                widget.close()  # their comms too: nothing is left to click
 
     def update(self, texts: list[str], final: bool = False, note: str = "") -> None:
+        self.texts = list(texts)
         now = time.monotonic()
         if not final and now - self._last < _REFRESH:
             return
         self._last = now
+        if final:
+            self._end()
+        elif self._cue is not None:
+            self._cue.value = self._cue_html()
         if self._n == 1:
             text = texts[0]
         else:
@@ -311,7 +382,14 @@ class _StreamView:
             text += f"\n\n<small>{html.escape(note)}</small>"
         self._handle.update(Markdown(text or "*(empty answer)*"))
 
+    def stopped(self) -> None:
+        """Stop was clicked: keep the text so far, and say it was cut short."""
+        tokens = sum(estimate_text_tokens(t) for t in self.texts)
+        self.update(self.texts, final=True, note=f"stopped after {time.monotonic() - self._started:.0f} s, "
+                                                 f"~{tokens:,} tokens in (not cached)")
+
     def fail(self, message: str) -> None:
+        self._end()
         self._handle.update(Markdown(f"**nbparrot error:** {message}"))
 
 
@@ -329,6 +407,8 @@ def _show_comparison_when_done(run: Run, variants: list[str], render: Any = None
     """Once the run ends, show one column per variant and tokens / cost / latency per variant
     (or what ``render(run, variants)`` makes of it: the scores of ``--expect``)."""
     render = render or comparison_html
+    if isinstance(run.view, Panel):
+        run.view.preview = False  # the comparison below shows the answers: the panel keeps to its summary
     handle = display(HTML("<i>comparing variants…</i>"), display_id=True)
 
     async def show() -> None:
@@ -341,31 +421,45 @@ def _show_comparison_when_done(run: Run, variants: list[str], render: Any = None
 
 
 def comparison_html(run: Run, variants: list[str]) -> str:
-    """Side-by-side answers (a column per variant) and a per-variant line of tokens, cost, latency."""
+    """Side-by-side answers (a column per variant) under each variant's prompt and usage line."""
     k = len(variants)
     rows = len(run.outcomes) // k
-    answer = lambda o: _shown(o) if o.status == "ok" else f"[{o.status}] {o.error or ''}"  # noqa: E731
-    head = "".join(f"<th style='text-align:left'>variant {v + 1}</th>" for v in range(k))
-    body = []
     labels = list(run.prepared.index) if run.prepared.frame is not None else [""] * rows
-    for r in range(rows):
-        cells = "".join(f"<td style='text-align:left;vertical-align:top'>{html.escape(str(answer(run.outcomes[r * k + v])))}</td>"
-                        for v in range(k))
-        body.append(f"<tr><th>{html.escape(str(labels[r]))}</th>{cells}</tr>")
-    stats = []
+    usage, prompts = ["usage"], ["prompt"]
     for v in range(k):
         outs = [run.outcomes[r * k + v] for r in range(rows)]
-        tokens = sum(o.prompt_tokens + o.completion_tokens for o in outs)
-        costs = [cost_of(run.model, o.prompt_tokens, o.completion_tokens, batch=run.engine.batch)
-                 for o in outs if not o.cached]
-        cost = None if any(c is None for c in costs) else sum(costs)
-        latencies = [o.latency for o in outs if o.latency is not None]
-        latency = f"{sum(latencies) / len(latencies):.2f}s" if latencies else "–"
-        stats.append(f"<td style='text-align:left'>{tokens:,} tokens · {format_usd(cost, 5)}"
-                     f" · mean latency {latency}</td>")
-    prompts = "".join(f"<td style='text-align:left'><code>{html.escape(v[:200])}</code></td>" for v in variants)
-    return (f"<table class='nbparrot-compare'><tr><th></th>{head}</tr><tr><th>prompt</th>{prompts}</tr>"
-            f"<tr><th>usage</th>{''.join(stats)}</tr>{''.join(body)}</table>")
+        usage.append(html.escape(_usage(run, outs)))
+        prompts.append(f"<code>{html.escape(variants[v][:200])}</code>")
+    body = [prompts, usage]
+    for r in range(rows):
+        body.append([html.escape(str(labels[r])), *(_answer_cell(run.outcomes[r * k + v]) for v in range(k))])
+    return look.table("nbparrot-compare", ["", *(f"variant {v + 1}" for v in range(k))], body, escape=False)
+
+
+def _usage(run: Run, outs: list[Any]) -> str:
+    """``12 tokens · $0.000123 · mean latency 0.42s``; cached answers said as such, at no cost."""
+    cached = sum(1 for o in outs if o.cached)
+    sent = [o for o in outs if not o.cached]
+    tokens = sum(o.prompt_tokens + o.completion_tokens for o in outs)
+    parts = ["cached" if cached == len(outs) else f"{cached} of {len(outs)} cached"] if cached else []
+    parts.append(f"{tokens:,} tokens")
+    if sent:
+        costs = [cost_of(run.model, o.prompt_tokens, o.completion_tokens, batch=run.engine.batch) for o in sent]
+        parts.append(format_usd(None if any(c is None for c in costs) else sum(costs)))
+        latencies = [o.latency for o in sent if o.latency is not None]
+        if latencies:
+            parts.append(f"mean latency {sum(latencies) / len(latencies):.2f}s")
+    else:
+        parts.append("no cost")
+    return " · ".join(parts)
+
+
+def _answer_cell(outcome: Any) -> str:
+    """One answer in the comparison: failures in the error colour, cached ones marked."""
+    if outcome.status != "ok":
+        return look.error(html.escape(f"[{outcome.status}] {outcome.error or ''}"))
+    text = html.escape(str(_shown(outcome)))
+    return text + (" " + look.muted("· cached", "nbparrot-cached") if outcome.cached else "")
 
 
 def _shown(outcome: Any) -> str:

@@ -193,6 +193,20 @@ class StagedProgress:
         self._own_error = value
 
     @property
+    def retried(self) -> dict[str, int]:
+        """Retries by cause over every pass (the panel's neutral retries line)."""
+        causes: dict[str, int] = {}
+        for p in self._each():
+            for name, count in p.retried.items():
+                causes[name] = causes.get(name, 0) + count
+        return causes
+
+    @property
+    def last_retry(self) -> str | None:
+        retries = [p.last_retry for p in self._each() if p.last_retry]
+        return retries[-1] if retries else None
+
+    @property
     def pause(self) -> Any:
         current = self._current()
         return current.pause if current is not None else None

@@ -33,7 +33,7 @@ def test_price_arithmetic():
     assert cost_of("my-finetune", 1_000_000, 1_000_000) == pytest.approx(3.0)
     e = estimate("gpt-4o-mini", 10, 1_000_000, 2_000_000)
     assert e == Estimate(10, 1_000_000, 2_000_000, pytest.approx(0.15 + 0.60), pytest.approx(0.15 + 1.20))
-    assert "at most $1.3500" in str(e)
+    assert "at most $1.35" in str(e)
     assert "cost unknown" in str(estimate("nobody-knows", 1, 10, 10))
 
 

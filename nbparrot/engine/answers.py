@@ -20,7 +20,7 @@ from ..pricing import cost_of
 from ..ratelimit import retry_after_seconds
 from ..tokens import estimate_text_tokens
 from .settings import _RETRY_STATUS
-from .words import _duration
+from .words import _duration, status_cause
 
 
 class Answers:
@@ -65,7 +65,7 @@ class Answers:
                 refusal = message.get("refusal") if self._n == 1 else None
                 return self._retry(row, f"the model refused: {refusal}" if refusal else
                                    f"empty answer (content {'null' if text is None else 'empty'}, "
-                                   f"finish_reason {finish!r})")
+                                   f"finish_reason {finish!r})", "refused" if refusal else "empty answer")
         outcome.content = content
         if self.schema is not None:
             try:
@@ -127,7 +127,7 @@ class Answers:
             self._costs.clear()
             return self._switch_and_resend(row)
         if status in _RETRY_STATUS or status >= 500:
-            return self._retry(row, f"{status} {message or 'server error'}".strip())
+            return self._retry(row, f"{status} {message or 'server error'}".strip(), status_cause(status))
         self._open()  # the endpoint took the key and the model: this row's request is at fault
         return self._fail(row, describe_error(status, message, code))
 
@@ -146,11 +146,12 @@ class Answers:
             self._limit = max(1, self.settings.concurrency)
             self._notify()
 
-    def _retry(self, row: int, reason: str, cannot_connect: tuple[int, str] | None = None) -> None:
-        """Try the row again after a backoff, or fail it after ``max_retries``. ``cannot_connect`` (before
-        anything has answered: see ``words._cannot_connect``) gives fewer retries: no endpoint is there."""
+    def _retry(self, row: int, reason: str, cause: str, cannot_connect: tuple[int, str] | None = None) -> None:
+        """Try the row again after a backoff (``cause`` counts it), or fail it after ``max_retries``.
+        ``cannot_connect`` (before anything has answered: see ``words._cannot_connect``) gives fewer
+        retries: no endpoint is there."""
         failures = self._failures[row] = self._failures.get(row, 0) + 1
-        self.progress.last_error = reason = self.endpoint.redact(reason)
+        reason = self.endpoint.redact(reason)
         retries = self.settings.max_retries if cannot_connect is None else min(cannot_connect[0], self.settings.max_retries)
         if failures > retries:
             if not self._heard:
@@ -169,6 +170,7 @@ class Answers:
                     f"{failures} attempts each, {since} (last: {reason}); the run stopped instead of sending the rest"))
             return None
         self.outcomes[row].error = reason  # its last error, kept while it waits (an answer clears it)
+        self.progress.count_retry(cause, reason)
         s = self.settings
         delay = random.uniform(0, min(s.backoff_cap, s.backoff_base * 2 ** (failures - 1)))
         self._park(row, delay)

@@ -40,7 +40,7 @@ from .columns import _Costs, _Keys, _Listed, _Queue
 from .planning import Planning
 from .progress import Progress
 from .settings import EngineSettings, FAN_OUT, PAUSE_SHOWN
-from .words import _cannot_connect, _describe
+from .words import _cannot_connect, _describe, cause
 
 
 class Engine(Planning, Answers):
@@ -340,7 +340,7 @@ class Engine(Planning, Answers):
         try:
             status, headers, raw = await self._transport.post(body)
         except TRANSIENT_ERRORS as exc:
-            self._retry(row, _describe(exc), None if self._heard else _cannot_connect(exc))
+            self._retry(row, _describe(exc), cause(exc), None if self._heard else _cannot_connect(exc))
             return
         except ResponseTooLargeError as exc:
             self._heard = True
@@ -360,7 +360,8 @@ class Engine(Planning, Answers):
             try:
                 self._answer(row, json.loads(raw), now - sent)
             except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-                self._retry(row, f"unreadable answer from the endpoint: {self.endpoint.redact(repr(raw[:200]))}")
+                self._retry(row, f"unreadable answer from the endpoint: {self.endpoint.redact(repr(raw[:200]))}",
+                            "unreadable answer")
             return
         self._error(row, status, headers, raw, version)
 

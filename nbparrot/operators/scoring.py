@@ -303,7 +303,7 @@ def scores_html(run: ScoredRun, width: int = 120) -> str:
     lines = []
     for v, s in scores.iterrows():
         latency = f"{s['mean_latency']:.2f}s" if s["mean_latency"] is not None and s["mean_latency"] == s["mean_latency"] else "–"
-        cost = format_usd(s["cost"], 5) + (f" + judge {format_usd(s['judge_cost'], 5)}" if run.engine.work.judge else "")
+        cost = format_usd(s["cost"]) + (f" + judge {format_usd(s['judge_cost'])}" if run.engine.work.judge else "")
         lines.append(f"<tr><td>{v}</td><td style='text-align:left'><code>{cut(s['template'])}</code></td>"
                      f"<td><b>{s['accuracy']:.0%}</b></td><td>{s['correct']}/{s['scored']}</td>"
                      f"<td>{s['answered']}</td><td>{cost}</td><td>{latency}</td></tr>")

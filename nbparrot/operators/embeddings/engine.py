@@ -17,7 +17,7 @@ import numpy as np
 from ...cache import CachedAnswer, request_key
 from ...engine import PLAN_SLICE, Engine
 from ...engine.columns import _Keys, _Queue
-from ...engine.words import _cannot_connect, _describe
+from ...engine.words import _cannot_connect, _describe, cause, status_cause
 from ...errors import BudgetExceededError, FatalError, error_fields, fatal_error
 from ...errors import describe_error, redact_url
 from ...outcomes import CHUNK, FAILED, MASK, OK, PENDING, SHIFT, Outcomes
@@ -373,7 +373,7 @@ class EmbedEngine(Engine):
         try:
             status, headers, raw = await self._transport.post(body)
         except TRANSIENT_ERRORS as exc:
-            self._retry(first, _describe(exc), None if self._heard else _cannot_connect(exc))
+            self._retry(first, _describe(exc), cause(exc), None if self._heard else _cannot_connect(exc))
             return
         except ResponseTooLargeError as exc:
             self._heard = True
@@ -392,7 +392,8 @@ class EmbedEngine(Engine):
             try:
                 self._answer(first, json.loads(raw), now - sent)
             except (ValueError, KeyError, IndexError, TypeError, AttributeError, binascii.Error):
-                self._retry(first, f"unreadable answer from the endpoint: {self.endpoint.redact(repr(raw[:200]))}")
+                self._retry(first, f"unreadable answer from the endpoint: {self.endpoint.redact(repr(raw[:200]))}",
+                            "unreadable answer")
             return
         self._error(first, status, headers, raw, version)
 
@@ -521,7 +522,7 @@ class EmbedEngine(Engine):
                                               status=status, code=code))
             return None
         if status in _RETRY_STATUS or status >= 500:
-            return self._retry(first, f"{status} {message or 'server error'}".strip())
+            return self._retry(first, f"{status} {message or 'server error'}".strip(), status_cause(status))
         self._open()
         return self._fail(first, describe_error(status, message, code))
 
