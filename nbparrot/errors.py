@@ -182,4 +182,5 @@ def fatal_error(status: int, message: str, code: str | None, kind: str | None, w
 
 def describe_error(status: int | None, message: str, code: object = None) -> str:
     """One line for a row's error: status, the provider's code (any type) and message."""
-    return " ".join(part for part in (str(status) if status else "", f"{code}:" if code else "", message) if part)
+    code = f"{code}:" if code and str(code) != str(status) else ""  # some servers repeat the status as the code
+    return " ".join(part for part in (str(status) if status else "", code, message) if part)
