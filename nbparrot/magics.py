@@ -8,6 +8,8 @@
 - Several prompt variants separated by a line ``---`` run over the same rows and are shown
   side by side, with tokens, cost and latency per variant.
 - ``%llm status | cancel [ID|all] | cost | models | cache info|clear`` manage the session.
+- In a notebook executed headlessly (nbconvert, papermill) the stream and the comparison finish
+  within their cell, so the saved notebook holds them (see ``nbparrot.headless``).
 Defaults (model, base_url, concurrency, system, max_tokens) via ``%config NbparrotMagics.model = ...``.
 """
 
@@ -33,6 +35,7 @@ from .operators import decisions
 from .cache import CachedAnswer, request_key
 from .config import configure, defaults, resolve_endpoint
 from .errors import NbparrotError
+from .headless import in_background, run_coroutine
 from .pricing import cost_of, format_usd
 from .run import Run, live_runs, record_usage, session_usage
 from .stream import stream_chat
@@ -252,6 +255,9 @@ class NbparrotMagics(Magics):
         except RuntimeError:  # the IPython terminal: no loop runs the cell, so wait here
             asyncio.run(go())
             return
+        if not in_background():  # a notebook executed headlessly: the answer lands in this cell
+            run_coroutine(go)
+            return
         task = loop.create_task(go())
         _tasks.add(task)
         task.add_done_callback(_tasks.discard)
@@ -308,7 +314,11 @@ def _render(text: str, ns: dict) -> str:
 
 
 def _show_comparison_when_done(run: Run, variants: list[str]) -> None:
-    """Once the run ends, show one column per variant and tokens / cost / latency per variant."""
+    """Once the run ends, show one column per variant and tokens / cost / latency per variant
+    (at once if it has ended already: a notebook executed headlessly finishes it in the cell)."""
+    if run.done():
+        display(HTML(comparison_html(run, variants)))
+        return
     handle = display(HTML("<i>comparing variants…</i>"), display_id=True)
 
     async def show() -> None:

@@ -6,6 +6,12 @@ Both refresh on a timer on the run's own loop, at most ~10 times a second, and o
 what changed, so 10,000 rows do not flood the browser or the terminal. The Cancel button's
 handler only calls ``run.cancel()``: depending on the kernel and frontend it runs on the
 main thread or on a kernel subshell thread, and ``cancel`` is the thread-safe part.
+
+What lasts once the kernel is gone (a saved notebook reopened, GitHub, nbviewer): the panel is
+displayed with a display id and a static fallback (``text/html`` and ``text/plain``) beside the
+widget view, and when the run ends the whole output is replaced by ``final_html`` (summary and
+preview) with no widget view, which JupyterLab would otherwise render as "model not found". A
+notebook executed headlessly gets a ``StaticView``: the same HTML, updated in place, no widget.
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ from .pricing import format_usd
 if TYPE_CHECKING:  # pragma: no cover
     from .run import Run
 
-__all__ = ["make_view", "Panel", "TextLine", "Silent", "snapshot"]
+__all__ = ["make_view", "Panel", "StaticView", "TextLine", "Silent", "snapshot", "final_html"]
 
 PANEL_INTERVAL = 0.1  # seconds between panel refreshes
 TEXT_INTERVAL = 0.5  # seconds between text refreshes on a terminal
+STATIC_INTERVAL = 5.0  # seconds between refreshes of a StaticView (a headless run's progress)
 
 
 def _in_kernel() -> bool:
@@ -51,9 +58,12 @@ class Silent:
         """Nothing to show."""
 
 
-def make_view(run: "Run", in_loop: bool) -> "Panel | TextLine":
-    """The panel inside a Jupyter kernel with ipywidgets; a text line everywhere else."""
-    if in_loop and _in_kernel():
+def make_view(run: "Run", in_loop: bool) -> "Panel | StaticView | TextLine":
+    """The panel inside a Jupyter kernel with ipywidgets, for a run in the background (``in_loop``);
+    static HTML for a run that finishes within its cell in a kernel; a text line everywhere else."""
+    if _in_kernel():
+        if not in_loop:
+            return StaticView(run)
         try:
             import ipywidgets  # noqa: F401
         except ImportError:
@@ -240,17 +250,23 @@ class Panel(_Ticker):
         self.box.add_class("nbparrot-panel")
         self._rates = _Rates()
         self._shown_in: int | None = None
+        self._handles: list[Any] = []  # every output showing this panel, replaced when the run ends
         self._last: tuple = ()
         self._estimate_shown = False
 
     def started(self) -> None:
-        from IPython.display import display
-
         self._title()
         self._show_estimate()
-        display(self.box)
-        self._shown_in = _execution_count()
+        self._display()
         super().started()
+
+    def _display(self) -> None:
+        """The widget view with a static fallback of the state now, under a display id."""
+        from IPython.display import display
+
+        bundle = {**self.box._repr_mimebundle_(), **_static_bundle(self.run)}
+        self._handles.append(display(bundle, raw=True, display_id=True))
+        self._shown_in = _execution_count()
 
     def ask(self) -> None:
         """Ask Run / Cancel before a run estimated above ``confirm_over`` sends anything."""
@@ -277,18 +293,17 @@ class Panel(_Ticker):
             self.box.children = tuple(c for c in self.box.children if c is not question)
 
     def display_again(self) -> None:
-        """Show the panel again, unless it was just shown by the same cell."""
-        if self._shown_in != _execution_count():
-            from IPython.display import display
-
-            display(self.box)
+        """Show the panel again (once finished: its final HTML), unless the same cell just showed it."""
+        if self._shown_in == _execution_count():
+            return
+        if self.run.done():
+            _display_static(self.run)
             self._shown_in = _execution_count()
+        else:
+            self._display()
 
     def _title(self) -> None:
-        run = self.run
-        label = f" · {html.escape(run.label)}" if run.label else ""
-        self.title.value = (f"<b>nbparrot run {run.id}</b> · {html.escape(run.model)} · "
-                            f"{html.escape(run.engine.endpoint.display_url)}{label} · <i>{run.status}</i>")
+        self.title.value = title_html(self.run)
 
     def refresh(self) -> None:
         s = snapshot(self.run, self._rates)
@@ -338,10 +353,83 @@ class Panel(_Ticker):
         self.bar.bar_style = {"finished": "success", "cancelled": "warning", "stopped": "warning"}.get(run.status, "danger")
         self.cancel_button.disabled = True
         self.cancel_button.layout.display = "none"
-        summary = html.escape(run.summary())
-        if run.error is not None:
-            summary += f"<br><span style='color:#b00'><b>stopped:</b> {html.escape(str(run.error))}</span>"
-        self.stats.value = f"<span class='nbparrot-summary'>{summary}</span>" + _preview_html(run)
+        self.stats.value = _summary_html(run) + _preview_html(run)
+        final = _static_bundle(run)  # no widget view: it would not survive the kernel
+        for handle in self._handles:
+            handle.update(final, raw=True)
+
+
+class StaticView(_Ticker):
+    """A run that finishes within its cell (a notebook executed headlessly): static HTML under a
+    display id, refreshed every few seconds while it goes, and ``final_html`` once it ends."""
+
+    interval = STATIC_INTERVAL
+
+    def __init__(self, run: "Run"):
+        super().__init__(run)
+        self._output: Any = None
+        self._last: dict = {}
+
+    def started(self) -> None:
+        from IPython.display import display
+
+        self._last = _static_bundle(self.run)
+        self._output = display(self._last, raw=True, display_id=True)
+        super().started()
+
+    def refresh(self) -> None:
+        bundle = _static_bundle(self.run)
+        if bundle != self._last and self._output is not None:
+            self._last = bundle
+            self._output.update(bundle, raw=True)
+
+    def display_again(self) -> None:
+        """Show the run again in the cell asking for it."""
+        _display_static(self.run)
+
+
+def title_html(run: "Run") -> str:
+    """The panel's first line: run, model, endpoint, template and status."""
+    label = f" · {html.escape(run.label)}" if run.label else ""
+    return (f"<b>nbparrot run {run.id}</b> · {html.escape(run.model)} · "
+            f"{html.escape(run.engine.endpoint.display_url)}{label} · <i>{run.status}</i>")
+
+
+def _summary_html(run: "Run") -> str:
+    """The finished run's summary line, and what stopped it if something did."""
+    summary = html.escape(run.summary())
+    if run.error is not None:
+        summary += f"<br><span style='color:#b00'><b>stopped:</b> {html.escape(str(run.error))}</span>"
+    return f"<span class='nbparrot-summary'>{summary}</span>"
+
+
+def final_html(run: "Run") -> str:
+    """A finished run as static HTML (title, summary, preview): what replaces its panel when it
+    ends, and what a saved notebook shows without a kernel."""
+    return (f"<div class='nbparrot-panel nbparrot-final'>{title_html(run)}<br>"
+            f"{_summary_html(run)}{_preview_html(run)}</div>")
+
+
+def _live_html(run: "Run") -> str:
+    """A run still going, as static HTML: title, a progress line and the panel's counts."""
+    s = snapshot(run)
+    finished = s["settled"] - s["cancelled"]
+    return (f"<div class='nbparrot-panel nbparrot-static'>{title_html(run)}<br>"
+            f"<progress value='{finished}' max='{max(s['total'], 1)}'></progress> {finished}/{s['total']}<br>"
+            f"{Panel._stats_html(s)}</div>")
+
+
+def _static_bundle(run: "Run") -> dict[str, str]:
+    """``text/html`` and ``text/plain`` of the run as it is now: final once it is done."""
+    if run.done():
+        return {"text/html": final_html(run), "text/plain": f"nbparrot {run.summary()}"}
+    return {"text/html": _live_html(run), "text/plain": f"nbparrot {run.summary()}"}
+
+
+def _display_static(run: "Run") -> None:
+    from IPython.display import display
+
+    display(_static_bundle(run), raw=True)
 
 
 def _execution_count() -> int | None:

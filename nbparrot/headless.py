@@ -1,0 +1,119 @@
+"""Notebooks that last: where a run goes on when nobody watches the notebook live.
+
+In JupyterLab a run goes on in the background on the kernel's loop and its panel, ``%%llm``
+stream and comparison update after the cell has returned. A client that executes a notebook
+headlessly (``jupyter nbconvert --execute``, papermill; both drive the kernel with nbclient)
+keeps only the messages whose parent is the cell it is executing, and stops listening once the
+last cell is done: measured with nbclient 0.11, updates sent by a background task land nowhere,
+so the saved notebook would show every panel as it was at its first moment.
+
+Such a client says so in every execute request: it cannot answer ``input()``
+(``allow_stdin`` false; JupyterLab, Notebook 7, VS Code and ``jupyter console`` send true). Then a
+run, a ``%%llm`` stream or a comparison finishes within the cell that starts it, as in a
+script: on a fresh event loop in a helper thread (the kernel's loop is busy running the cell),
+its output sent under that cell, and the cell returns once it is done. Its saved output is the
+finished state, as static HTML.
+
+``nbparrot.configure(background=...)`` decides instead: True, always in the background; False,
+always within the cell; "auto" (the default) as described.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import sys
+import threading
+from typing import Any, Awaitable, Callable, TypeVar
+
+from .config import defaults
+from .errors import ConfigError
+
+__all__ = ["in_background", "off_loop", "run_coroutine"]
+
+T = TypeVar("T")
+
+
+def in_background() -> bool:
+    """Whether work started now, inside a running loop, should go on after its cell returns.
+
+    Only the kernel's own loop (its main thread) is in question: on another thread's loop (e.g.
+    dask computing partitions in helper threads) work always starts on that loop, as it expects."""
+    if threading.current_thread() is not threading.main_thread():
+        return True
+    setting = defaults.background
+    if setting is True or setting is False:
+        return setting
+    if setting != "auto":
+        raise ConfigError(f"background must be 'auto', True or False, not {setting!r}")
+    return _client_is_interactive()
+
+
+def _client_is_interactive() -> bool:
+    """True unless the cell being run came from a client that cannot answer ``input()``
+    (nbclient: nbconvert, papermill); True outside a kernel, where the question does not arise."""
+    if "IPython" not in sys.modules:
+        return True
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    if shell is None or getattr(shell, "kernel", None) is None:
+        return True
+    parent = getattr(shell, "parent_header", None) or {}
+    content = parent.get("content") if isinstance(parent, dict) else None
+    if not isinstance(content, dict) or "allow_stdin" not in content:
+        return True  # no execute request to go by (e.g. a comm handler): keep the interactive way
+    return bool(content["allow_stdin"])
+
+
+def off_loop(work: Callable[[], T], on_interrupt: Callable[[], None] | None = None) -> T:
+    """``work()`` in a helper thread, waited for here: for a thread whose event loop is busy (a
+    kernel running a cell), where a loop cannot be run. The thread runs in a copy of this
+    context, so what it displays goes to this cell. A first interrupt (the kernel's stop button,
+    nbclient's timeout) calls ``on_interrupt`` and waits on; a second one is raised."""
+    outcome: dict[str, Any] = {}
+    context = contextvars.copy_context()
+
+    def target() -> None:
+        try:
+            outcome["value"] = context.run(work)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="nbparrot-in-cell", daemon=True)
+    thread.start()
+    try:
+        thread.join()
+    except KeyboardInterrupt:
+        if on_interrupt is None:
+            raise
+        on_interrupt()
+        thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def run_coroutine(make: Callable[[], Awaitable[T]]) -> T:
+    """Run ``make()`` to its end on a fresh loop: here if no loop runs in this thread, else in a
+    helper thread (``off_loop``); an interrupt cancels it."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make())
+    state: dict[str, Any] = {}
+
+    async def main() -> T:
+        state["task"] = asyncio.current_task()
+        state["loop"] = asyncio.get_running_loop()
+        return await make()
+
+    def cancel() -> None:
+        loop, task = state.get("loop"), state.get("task")
+        if loop is not None and task is not None:
+            try:
+                loop.call_soon_threadsafe(task.cancel)
+            except RuntimeError:  # the loop has just closed: the work is over anyway
+                pass
+
+    return off_loop(lambda: asyncio.run(main()), on_interrupt=cancel)
