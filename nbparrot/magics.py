@@ -27,7 +27,7 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from IPython.display import HTML, Markdown, display
+from IPython.display import HTML, display
 from traitlets import Int, Unicode, observe
 
 from . import api
@@ -283,7 +283,7 @@ class _StreamView:
 
     def __init__(self, n: int):
         self._n = n
-        self._handle = display(Markdown("*waiting for the answer…*"), display_id=True)
+        self._handle = display(_markdown("*waiting for the answer…*"), raw=True, display_id=True)
         self._last = 0.0
 
     def update(self, texts: list[str], final: bool = False, note: str = "") -> None:
@@ -297,10 +297,15 @@ class _StreamView:
             text = "\n\n".join(f"**Answer {k + 1}**\n\n{t}" for k, t in enumerate(texts))
         if note:
             text += f"\n\n<small>{html.escape(note)}</small>"
-        self._handle.update(Markdown(text or "*(empty answer)*"))
+        self._handle.update(_markdown(text or "*(empty answer)*"), raw=True)
 
     def fail(self, message: str) -> None:
-        self._handle.update(Markdown(f"**nbparrot error:** {message}"))
+        self._handle.update(_markdown(f"**nbparrot error:** {message}"), raw=True)
+
+
+def _markdown(text: str) -> dict[str, str]:
+    """Markdown with itself as the plain-text fallback (a saved notebook read as text keeps the answer)."""
+    return {"text/markdown": text, "text/plain": text}
 
 
 def _render(text: str, ns: dict) -> str:

@@ -687,6 +687,19 @@ class KernelHarness:
         with self._cond:
             return list(self._iopub_log)
 
+    def display_updates(self, cell: ExecResult) -> list[tuple[float, dict]]:
+        """Updates of the displays ``cell`` created, matched by display_id as a frontend does.
+
+        (On ipykernel 6 output sent by a background task after another request carries that
+        request's parent header, so the display_id, not the parent, ties an update to its cell.)
+        """
+        messages = self.iopub_messages()
+        ids = {m["content"].get("transient", {}).get("display_id") for _, m in messages
+               if m["msg_type"] == "display_data" and m["parent_header"].get("msg_id") == cell.msg_id}
+        return [(t, m["content"]) for t, m in messages
+                if m["msg_type"] == "update_display_data"
+                and m["content"].get("transient", {}).get("display_id") in ids]
+
     # ------------------------------------------------------- frontend -> kernel
 
     def send_comm(self, comm_id: str, data: dict) -> str:
