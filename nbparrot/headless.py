@@ -8,7 +8,7 @@ last cell is done: measured with nbclient 0.11, updates sent by a background tas
 so the saved notebook would show every panel as it was at its first moment.
 
 Such a client says so in every execute request: it cannot answer ``input()``
-(``allow_stdin`` false; JupyterLab, Notebook 7, VS Code and ``jupyter console`` send true). Then a
+(``allow_stdin`` false; JupyterLab, Notebook 7 and ``jupyter console`` send true). Then a
 run, a ``%%llm`` stream or a comparison finishes within the cell that starts it, as in a
 script: on a fresh event loop in a helper thread (the kernel's loop is busy running the cell),
 its output sent under that cell, and the cell returns once it is done. Its saved output is the
