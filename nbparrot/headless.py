@@ -29,7 +29,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 from .config import defaults
 from .errors import ConfigError
 
-__all__ = ["in_background", "off_loop", "run_coroutine"]
+__all__ = ["in_background", "kernel_shell", "off_loop", "run_coroutine"]
 
 T = TypeVar("T")
 
@@ -37,28 +37,34 @@ T = TypeVar("T")
 def in_background() -> bool:
     """Whether work started now, inside a running loop, should go on after its cell returns.
 
-    Only the kernel's own loop (its main thread) is in question: on another thread's loop (e.g.
-    dask computing partitions in helper threads) work always starts on that loop, as it expects."""
+    Only a kernel's own loop (its main thread) is in question: on any other loop (an asyncio
+    program, dask computing partitions in helper threads) work always starts on that loop."""
     if threading.current_thread() is not threading.main_thread():
+        return True
+    shell = kernel_shell()
+    if shell is None:
         return True
     setting = defaults.background
     if setting is True or setting is False:
         return setting
     if setting != "auto":
         raise ConfigError(f"background must be 'auto', True or False, not {setting!r}")
-    return _client_is_interactive()
+    return _client_is_interactive(shell)
 
 
-def _client_is_interactive() -> bool:
-    """True unless the cell being run came from a client that cannot answer ``input()``
-    (nbclient: nbconvert, papermill); True outside a kernel, where the question does not arise."""
-    if "IPython" not in sys.modules:
-        return True
+def kernel_shell() -> Any:
+    """The IPython shell of the Jupyter kernel this runs in, or None."""
+    if "IPython" not in sys.modules:  # not imported: surely no kernel (and importing it costs ~80 ms)
+        return None
     from IPython import get_ipython
 
     shell = get_ipython()
-    if shell is None or getattr(shell, "kernel", None) is None:
-        return True
+    return shell if shell is not None and getattr(shell, "kernel", None) is not None else None
+
+
+def _client_is_interactive(shell: Any) -> bool:
+    """False when the cell being run came from a client that cannot answer ``input()``
+    (nbclient: nbconvert, papermill); True otherwise."""
     parent = getattr(shell, "parent_header", None) or {}
     content = parent.get("content") if isinstance(parent, dict) else None
     if not isinstance(content, dict) or "allow_stdin" not in content:

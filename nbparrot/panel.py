@@ -21,6 +21,7 @@ import sys
 from collections import deque
 from typing import TYPE_CHECKING, Any, TextIO
 
+from .headless import kernel_shell
 from .pricing import format_usd
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -33,22 +34,10 @@ TEXT_INTERVAL = 0.5  # seconds between text refreshes on a terminal
 STATIC_INTERVAL = 5.0  # seconds between refreshes of a StaticView (a headless run's progress)
 
 
-def _in_kernel() -> bool:
-    if "IPython" not in sys.modules:  # not imported: surely no kernel (and importing it costs ~80 ms)
-        return False
-    try:
-        from IPython import get_ipython
-
-        shell = get_ipython()
-    except ImportError:  # pragma: no cover - IPython is a dependency
-        return False
-    return shell is not None and getattr(shell, "kernel", None) is not None
-
-
 class Silent:
     """No display at all (``progress=False``): for runs inside other tools, e.g. dask workers."""
 
-    def __init__(self, run: "Run", in_loop: bool = False):
+    def __init__(self, run: "Run", background: bool = False):
         self.run = run
 
     def started(self) -> None:
@@ -58,11 +47,11 @@ class Silent:
         """Nothing to show."""
 
 
-def make_view(run: "Run", in_loop: bool) -> "Panel | StaticView | TextLine":
-    """The panel inside a Jupyter kernel with ipywidgets, for a run in the background (``in_loop``);
+def make_view(run: "Run", background: bool) -> "Panel | StaticView | TextLine":
+    """The panel inside a Jupyter kernel with ipywidgets, for a run going on in the background;
     static HTML for a run that finishes within its cell in a kernel; a text line everywhere else."""
-    if _in_kernel():
-        if not in_loop:
+    if kernel_shell() is not None:
+        if not background:
             return StaticView(run)
         try:
             import ipywidgets  # noqa: F401
