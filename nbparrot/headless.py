@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import signal
 import sys
 import threading
 from typing import Any, Awaitable, Callable, TypeVar
@@ -75,26 +76,39 @@ def _client_is_interactive(shell: Any) -> bool:
 def off_loop(work: Callable[[], T], on_interrupt: Callable[[], None] | None = None) -> T:
     """``work()`` in a helper thread, waited for here: for a thread whose event loop is busy (a
     kernel running a cell), where a loop cannot be run. The thread runs in a copy of this
-    context, so what it displays goes to this cell. A first interrupt (the kernel's stop button,
-    nbclient's timeout) calls ``on_interrupt`` and waits on; a second one is raised."""
+    context, so what it displays goes to this cell. With ``on_interrupt``, a first interrupt
+    (the kernel's stop button, nbclient's timeout) calls it and waits on, as in a script; a
+    second one is the kernel's as usual."""
     outcome: dict[str, Any] = {}
     context = contextvars.copy_context()
+    over = threading.Event()  # not Thread.join: a join cut short by an interrupt may not wait again
 
     def target() -> None:
         try:
             outcome["value"] = context.run(work)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             outcome["error"] = exc
+        finally:
+            over.set()
 
-    thread = threading.Thread(target=target, name="nbparrot-in-cell", daemon=True)
-    thread.start()
+    threading.Thread(target=target, name="nbparrot-in-cell", daemon=True).start()
+    previous = None
+    if on_interrupt is not None and threading.current_thread() is threading.main_thread():
+        # our own SIGINT handler: the kernel's would raise in a plain cell, but in a cell with a
+        # top-level await (ipykernel 7) only cancel that cell's task, which waits here unseen
+        def first_interrupt(signum: int, frame: Any) -> None:
+            signal.signal(signal.SIGINT, previous)  # a second one interrupts as usual
+            on_interrupt()
+
+        previous = signal.getsignal(signal.SIGINT)
+        if previous is None:  # a handler not set from Python
+            previous = signal.default_int_handler
+        signal.signal(signal.SIGINT, first_interrupt)
     try:
-        thread.join()
-    except KeyboardInterrupt:
-        if on_interrupt is None:
-            raise
-        on_interrupt()
-        thread.join()
+        over.wait()
+    finally:
+        if previous is not None and signal.getsignal(signal.SIGINT) is first_interrupt:
+            signal.signal(signal.SIGINT, previous)
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]

@@ -217,3 +217,27 @@ def _env(cache: Path | None = None) -> dict[str, str]:
     if cache is not None:
         env["NBPARROT_CACHE_DIR"] = str(cache)
     return env
+
+
+@pytest.mark.parametrize("awaiting", [False, True], ids=["plain-cell", "cell-with-await"])
+@pytest.mark.parametrize("version", kernel_version_params())
+def test_interrupting_a_run_that_finishes_in_its_cell_cancels_it_and_keeps_finished_rows(make_server, tmp_path,
+                                                                                          version, awaiting):
+    """nbclient's timeout interrupts the kernel, as the stop button does: the run stops, keeps the
+    rows answered, and the cell still saves its final state; also in a cell with a top-level
+    await, where ipykernel 7's own handler would only cancel the cell's task."""
+    server = make_server(latency_ms=100)
+    start = (("import asyncio\nawait asyncio.sleep(0)\n" if awaiting else "") +
+             f"import nbparrot\nrun = nbparrot.map([{{'t': str(i)}} for i in range(400)], 'Say {{t}}', "
+             f"base_url={server.base_url!r}, api_key={KEY!r}, concurrency=4)")
+    with KernelHarness(kernel_python(version), cwd=str(tmp_path), env={"NBPARROT_CACHE_DIR": str(tmp_path / "cache")},
+                       allow_stdin=False) as kernel:
+        msg_id = kernel.execute_nowait(start)
+        kernel.wait_for(lambda: sum(server.stats()["answered"].values()) >= 10, timeout=30, message="no answers")
+        kernel.interrupt()
+        cell = kernel.wait(msg_id, timeout=30)
+        assert cell.status == "ok", cell.error and cell.error.text
+        status, done, cancelled = kernel.eval("[run.status, run.progress.done, run.progress.cancelled]")
+        assert status == "cancelled" and 1 <= done < 400 and done + cancelled == 400
+        final = [d["text/html"] for d in cell.display_updates if "nbparrot-final" in d.get("text/html", "")]
+        assert final and f"{done}/400 answered" in final[-1] and "cancelled" in final[-1]
