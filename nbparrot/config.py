@@ -39,6 +39,8 @@ class Defaults:
     max_wait: float = 60.0  # seconds: a 429 asking to wait longer stops the run with an error naming the wait
     max_response_bytes: int = 10 * 1024 * 1024  # a larger answer fails its row and is not read further
     first_byte_timeout: float = 10.0  # no answer yet by then: a status check finds out if the endpoint is there
+    background: bool | str = "auto"  # in a kernel: runs go on after their cell (True), finish in it (False),
+    # or "auto": in the background unless the notebook is executed headlessly (nbconvert, papermill)
 
 
 defaults = Defaults()

@@ -66,6 +66,7 @@ from .operators import decisions, embeddings
 from .cache import default_cache_dir
 from .config import defaults, resolve_endpoint
 from .errors import ConfigError, NbparrotError
+from .headless import off_loop
 from .ratelimit import Bucket, Pacer
 
 __all__ = ["DaskLLMAccessor", "register", "cluster_slots"]
@@ -377,20 +378,7 @@ def _without_loop(work: Any) -> Any:
         asyncio.get_running_loop()
     except RuntimeError:
         return work()
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = work()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=target, name="nbparrot-dask", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
+    return off_loop(work)
 
 
 def _partition(partition: pd.DataFrame, plan: _Plan) -> Any:

@@ -9,6 +9,8 @@
   side by side, with tokens, cost and latency per variant; ``--expect COLUMN`` scores each
   against that column (accuracy, cost, latency; see ``nbparrot.operators.scoring``).
 - ``%llm status | cancel [ID|all] | cost | models | cache info|clear`` manage the session.
+- In a notebook executed headlessly (nbconvert, papermill) the stream and the comparison finish
+  within their cell, so the saved notebook holds them (see ``nbparrot.headless``).
 Defaults (model, base_url, concurrency, system, max_tokens) via ``%config NbparrotMagics.model = ...``.
 """
 
@@ -26,7 +28,7 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from IPython.display import HTML, Markdown, display
+from IPython.display import HTML, display
 from traitlets import Int, Unicode, observe
 
 from . import api
@@ -35,7 +37,8 @@ from .cache import CachedAnswer, request_key
 from .config import configure, defaults, resolve_endpoint
 from .errors import NbparrotError
 from . import look
-from .panel import Panel, _in_kernel
+from .panel import _in_kernel
+from .headless import in_background, run_coroutine
 from .pricing import cost_of, format_usd
 from .run import Run, live_runs, record_usage, session_usage
 from .stream import stream_chat
@@ -280,6 +283,9 @@ class NbparrotMagics(Magics):
         except RuntimeError:  # the IPython terminal: no loop runs the cell, so wait here
             asyncio.run(go())
             return
+        if not in_background():  # a notebook executed headlessly: the answer lands in this cell
+            run_coroutine(go)
+            return
         task = loop.create_task(go())
         _tasks.add(task)
         task.add_done_callback(_tasks.discard)
@@ -309,7 +315,7 @@ class _StreamView:
         self._n = n
         self.texts = [""] * n
         self.stopping = False  # Stop was clicked: the task's cancellation is ours
-        self._handle = display(Markdown("*waiting for the answer…*"), display_id=True)
+        self._handle = display(_markdown("*waiting for the answer…*"), raw=True, display_id=True)
         self._last = 0.0
         self._started = time.monotonic()
         self._cue: Any = None
@@ -380,7 +386,7 @@ class _StreamView:
             text = "\n\n".join(f"**Answer {k + 1}**\n\n{t}" for k, t in enumerate(texts))
         if note:
             text += f"\n\n<small>{html.escape(note)}</small>"
-        self._handle.update(Markdown(text or "*(empty answer)*"))
+        self._handle.update(_markdown(text or "*(empty answer)*"), raw=True)
 
     def stopped(self) -> None:
         """Stop was clicked: keep the text so far, and say it was cut short."""
@@ -390,7 +396,12 @@ class _StreamView:
 
     def fail(self, message: str) -> None:
         self._end()
-        self._handle.update(Markdown(f"**nbparrot error:** {message}"))
+        self._handle.update(_markdown(f"**nbparrot error:** {message}"), raw=True)
+
+
+def _markdown(text: str) -> dict[str, str]:
+    """Markdown with itself as the plain-text fallback (a saved notebook read as text keeps the answer)."""
+    return {"text/markdown": text, "text/plain": text}
 
 
 def _render(text: str, ns: dict) -> str:
@@ -405,10 +416,15 @@ def _render(text: str, ns: dict) -> str:
 
 def _show_comparison_when_done(run: Run, variants: list[str], render: Any = None) -> None:
     """Once the run ends, show one column per variant and tokens / cost / latency per variant
-    (or what ``render(run, variants)`` makes of it: the scores of ``--expect``)."""
+    (or what ``render(run, variants)`` makes of it: the scores of ``--expect``); at once if it
+    has ended already (a notebook executed headlessly finishes it within the cell)."""
     render = render or comparison_html
-    if isinstance(run.view, Panel):
-        run.view.preview = False  # the comparison below shows the answers: the panel keeps to its summary
+    hide = getattr(run.view, "hide_preview", None)
+    if hide is not None:
+        hide()  # the comparison below shows the answers: the panel keeps to its summary
+    if run.done():
+        display(HTML(render(run, variants)))
+        return
     handle = display(HTML("<i>comparing variants…</i>"), display_id=True)
 
     async def show() -> None:

@@ -6,6 +6,12 @@ Both refresh on a timer on the run's own loop, at most ~10 times a second, and o
 what changed, so 10,000 rows do not flood the browser or the terminal. The Cancel button's
 handler only calls ``run.cancel()``: depending on the kernel and frontend it runs on the
 main thread or on a kernel subshell thread, and ``cancel`` is the thread-safe part.
+
+What lasts once the kernel is gone (a saved notebook reopened, GitHub, nbviewer): the panel is
+displayed with a display id and a static fallback (``text/html`` and ``text/plain``) beside the
+widget view, and when the run ends the whole output is replaced by ``final_html`` (summary and
+preview) with no widget view, which JupyterLab would otherwise render as "model not found". A
+notebook executed headlessly gets a ``StaticView``: the same HTML, updated in place, no widget.
 """
 
 from __future__ import annotations
@@ -18,33 +24,23 @@ from typing import TYPE_CHECKING, Any, TextIO
 from . import look
 from .engine.words import retries_text
 from .pace import Pace, format_eta
+from .headless import kernel_shell
 from .pricing import format_usd
 
 if TYPE_CHECKING:  # pragma: no cover
     from .run import Run
 
-__all__ = ["make_view", "Panel", "TextLine", "Silent", "snapshot"]
+__all__ = ["make_view", "Panel", "StaticView", "TextLine", "Silent", "snapshot", "final_html"]
 
 PANEL_INTERVAL = 0.1  # seconds between panel refreshes
 TEXT_INTERVAL = 0.5  # seconds between text refreshes on a terminal
-
-
-def _in_kernel() -> bool:
-    if "IPython" not in sys.modules:  # not imported: surely no kernel (and importing it costs ~80 ms)
-        return False
-    try:
-        from IPython import get_ipython
-
-        shell = get_ipython()
-    except ImportError:  # pragma: no cover - IPython is a dependency
-        return False
-    return shell is not None and getattr(shell, "kernel", None) is not None
+STATIC_INTERVAL = 5.0  # seconds between refreshes of a StaticView (a headless run's progress)
 
 
 class Silent:
     """No display at all (``progress=False``): for runs inside other tools, e.g. dask workers."""
 
-    def __init__(self, run: "Run", in_loop: bool = False):
+    def __init__(self, run: "Run", background: bool = False):
         self.run = run
 
     def started(self) -> None:
@@ -54,9 +50,12 @@ class Silent:
         """Nothing to show."""
 
 
-def make_view(run: "Run", in_loop: bool) -> "Panel | TextLine":
-    """The panel inside a Jupyter kernel with ipywidgets; a text line everywhere else."""
-    if in_loop and _in_kernel():
+def make_view(run: "Run", background: bool) -> "Panel | StaticView | TextLine":
+    """The panel inside a Jupyter kernel with ipywidgets, for a run going on in the background;
+    static HTML for a run that finishes within its cell in a kernel; a text line everywhere else."""
+    if kernel_shell() is not None:
+        if not background:
+            return StaticView(run)
         try:
             import ipywidgets  # noqa: F401
         except ImportError:
@@ -278,15 +277,21 @@ class Panel(_Ticker):
         self.preview = True  # False when another view shows the answers (a comparison of variants)
         self._pace = Pace()
         self._shown_in: int | None = None
+        self._handles: list[Any] = []  # every output showing this panel, replaced when the run ends
         self._last: tuple = ()
 
     def started(self) -> None:
+        self._title()
+        self._display()
+        super().started()
+
+    def _display(self) -> None:
+        """The widget view with a static fallback of the state now, under a display id."""
         from IPython.display import display
 
-        self._title()
-        display(self.box)
+        bundle = {**self.box._repr_mimebundle_(), **_static_bundle(self.run)}
+        self._handles.append(display(bundle, raw=True, display_id=True))
         self._shown_in = _execution_count()
-        super().started()
 
     def ask(self) -> None:
         """Ask Run / Cancel before a run estimated above ``confirm_over`` sends anything."""
@@ -307,12 +312,14 @@ class Panel(_Ticker):
             self.box.children = tuple(c for c in self.box.children if c is not question)
 
     def display_again(self) -> None:
-        """Show the panel again, unless it was just shown by the same cell."""
-        if self._shown_in != _execution_count():
-            from IPython.display import display
-
-            display(self.box)
+        """Show the panel again (once finished: its final HTML), unless the same cell just showed it."""
+        if self._shown_in == _execution_count():
+            return
+        if self.run.done():
+            _display_static(self.run)
             self._shown_in = _execution_count()
+        else:
+            self._display()
 
     def _title(self) -> None:
         self.title.value = title_html(self.run)
@@ -347,6 +354,50 @@ class Panel(_Ticker):
         self.error.value = ""
         self.error.layout.display = "none"
         self.stats.value = summary_html(run, preview=self.preview)
+        final = _static_bundle(run, self.preview)  # no widget view: it would not survive the kernel
+        for handle in self._handles:
+            handle.update(final, raw=True)
+
+    def hide_preview(self) -> None:
+        """Another view shows the answers (a comparison of variants): keep to the summary."""
+        self.preview = False
+        if self.run.done():
+            self.close()
+
+
+class StaticView(_Ticker):
+    """A run that finishes within its cell (a notebook executed headlessly): static HTML under a
+    display id, refreshed every few seconds while it goes, and ``final_html`` once it ends."""
+
+    interval = STATIC_INTERVAL
+
+    def __init__(self, run: "Run"):
+        super().__init__(run)
+        self.preview = True  # as Panel.preview
+        self._output: Any = None
+        self._last: dict = {}
+
+    def started(self) -> None:
+        from IPython.display import display
+
+        self._last = _static_bundle(self.run)
+        self._output = display(self._last, raw=True, display_id=True)
+        super().started()
+
+    def refresh(self) -> None:
+        bundle = _static_bundle(self.run, self.preview)
+        if bundle != self._last and self._output is not None:
+            self._last = bundle
+            self._output.update(bundle, raw=True)
+
+    def hide_preview(self) -> None:
+        """As ``Panel.hide_preview``."""
+        self.preview = False
+        self.refresh()
+
+    def display_again(self) -> None:
+        """Show the run again in the cell asking for it."""
+        _display_static(self.run)
 
 
 def title_html(run: "Run") -> str:
@@ -410,6 +461,34 @@ def summary_html(run: "Run", preview: bool = True) -> str:
         parts.append(look.error(f"<b>{p.failed:,} failed</b> (see run.errors); the last: "
                                 f"{html.escape(p.last_error[:300])}", "nbparrot-failed"))
     return "<br>".join(parts) + (_preview_html(run) if preview else "")
+
+
+def final_html(run: "Run", preview: bool = True) -> str:
+    """A finished run as static HTML (title, summary, with ``preview`` the first answers): what
+    replaces its panel when it ends, and what a saved notebook shows without a kernel."""
+    return f"<div class='nbparrot-panel nbparrot-final'>{title_html(run)}{summary_html(run, preview)}</div>"
+
+
+def _live_html(run: "Run") -> str:
+    """A run still going, as static HTML: title, a progress line, the panel's counts and faults."""
+    s = snapshot(run)
+    finished = s["settled"] - s["cancelled"]
+    faults = faults_html(s)
+    return (f"<div class='nbparrot-panel nbparrot-static'>{title_html(run)}"
+            f"<progress value='{finished}' max='{max(s['total'], 1)}'></progress> {finished}/{s['total']}"
+            f"{stats_html(s)}{faults}</div>")
+
+
+def _static_bundle(run: "Run", preview: bool = True) -> dict[str, str]:
+    """``text/html`` and ``text/plain`` of the run as it is now: final once it is done."""
+    body = final_html(run, preview) if run.done() else _live_html(run)
+    return {"text/html": body, "text/plain": f"nbparrot {run.summary()}"}
+
+
+def _display_static(run: "Run") -> None:
+    from IPython.display import display
+
+    display(_static_bundle(run), raw=True)
 
 
 def _execution_count() -> int | None:

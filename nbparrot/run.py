@@ -2,7 +2,9 @@
 
 Inside a running event loop (a Jupyter kernel runs every cell inside one) the batch starts
 as a task on that very loop and the call returns at once: the panel shows progress, a later
-cell can ``await run``, and the Cancel button stops it. Outside a loop (a script, plain
+cell can ``await run``, and the Cancel button stops it. A notebook executed headlessly
+(nbconvert, papermill) is the exception: there the run finishes within the cell that starts it,
+so the saved notebook holds its final state (see ``nbparrot.headless``). Outside a loop (a script, plain
 ``python``, the IPython terminal) the same call runs to completion with a text progress
 line, and Ctrl-C cancels it while keeping the finished rows; a run stopped by a fatal error
 raises it from the call that started it, as ``await run`` would, with the run as ``err.run``. ``asyncio.run`` is never
@@ -22,6 +24,7 @@ from typing import Any, Callable
 from .prepare import Prepared
 from .engine import CANCELLED, FAILED, SKIPPED, Engine
 from .errors import ConfigError, NbparrotError, RunCancelledError, RunNotFinishedError
+from .headless import in_background, off_loop
 from .pricing import cost_of, format_usd
 
 __all__ = ["Run", "live_runs", "record_usage", "session_usage"]
@@ -94,27 +97,31 @@ class Run:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        self.view = view_factory(self, loop is not None)
+        background = loop is not None and in_background()
+        self.view = view_factory(self, background)
+        can_ask = background and hasattr(self.view, "ask")
         if ask_over is not None:
-            if loop is None or not hasattr(self.view, "ask"):
-                self.engine.plan()
+            if not can_ask:  # plan here to decide; where a loop runs, in a helper thread (a staged plan runs a loop)
+                off_loop(self.engine.plan) if loop is not None else self.engine.plan()
             if self.engine.planned:
                 ask = ask or self._over(ask_over)
             else:
                 self._ask_over = ask_over
         if ask:
-            if loop is None or not hasattr(self.view, "ask"):
+            if not can_ask:
                 raise ConfigError(f"this run is estimated at {self.engine.estimate}, above confirm_over; "
                                   "pass confirm=True to run it anyway")
             self._confirmation = loop.create_future()
         if before is not None:
             before()
-        if loop is None:
+        if background:
+            self._start_on(loop)
+        elif loop is None:
             self._run_here()
             if self.error is not None:  # a script must not go on as if it had answers: raise, as await would
                 raise self._with_run(self.error)
-        else:
-            self._start_on(loop)
+        else:  # a kernel executing the notebook headlessly: finish within this cell (see nbparrot.headless)
+            off_loop(self._run_here, on_interrupt=self.cancel)
         return self
 
     def _start_on(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -127,7 +134,8 @@ class Run:
         self.view.started()
 
     def _run_here(self) -> None:
-        """Script mode: our own loop; the first Ctrl-C cancels the run (finished rows kept)."""
+        """Script mode (and a cell executed headlessly, in a helper thread): our own loop; the first
+        Ctrl-C cancels the run (finished rows kept)."""
         loop = asyncio.new_event_loop()
         self._loop, self._loop_thread = loop, threading.get_ident()
         self._task = loop.create_task(self._main())

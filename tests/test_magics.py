@@ -28,15 +28,8 @@ def kernel(request, tmp_path, make_server):
 
 
 def display_updates(kernel: KernelHarness, cell) -> list[tuple[float, dict]]:
-    """Updates of the displays a cell created, matched by display_id as a frontend does.
-
-    (On ipykernel 6 output sent by a background task after another request carries that
-    request's parent header, so the display_id, not the parent, ties an update to its cell.)
-    """
-    ids = {m["content"].get("transient", {}).get("display_id") for _, m in kernel.iopub_messages()
-           if m["msg_type"] == "display_data" and m["parent_header"].get("msg_id") == cell.msg_id}
-    return [(t, m["content"]) for t, m in kernel.iopub_messages()
-            if m["msg_type"] == "update_display_data" and m["content"].get("transient", {}).get("display_id") in ids]
+    """Updates of the displays a cell created, matched by display_id (``KernelHarness.display_updates``)."""
+    return kernel.display_updates(cell)
 
 
 def comparison_table(kernel: KernelHarness, cell) -> str:
