@@ -37,8 +37,8 @@ from .cache import CachedAnswer, request_key
 from .config import configure, defaults, resolve_endpoint
 from .errors import NbparrotError
 from . import look
-from .panel import _in_kernel
-from .headless import in_background, run_coroutine
+
+from .headless import in_background, kernel_shell, run_coroutine
 from .pricing import cost_of, format_usd
 from .run import Run, live_runs, record_usage, session_usage
 from .stream import stream_chat
@@ -325,7 +325,7 @@ class _StreamView:
 
     def controls(self, task: asyncio.Task) -> None:
         """Show Stop and the cue under the answer; Stop cancels ``task`` and keeps what arrived."""
-        if not _in_kernel():
+        if kernel_shell() is None:
             return
         try:
             import ipywidgets as w
