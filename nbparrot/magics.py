@@ -236,9 +236,9 @@ class NbparrotMagics(Magics):
             except NbparrotError as exc:
                 view.fail(str(exc))
                 return
+            cost = cost_of(model, result.prompt_tokens, result.completion_tokens, base_url=endpoint.base_url)
             record_usage(model, requests=1, prompt_tokens=result.prompt_tokens,
-                         completion_tokens=result.completion_tokens)
-            cost = cost_of(model, result.prompt_tokens, result.completion_tokens)
+                         completion_tokens=result.completion_tokens, cost=cost)
             note = (f"{result.prompt_tokens + result.completion_tokens:,} tokens · "
                     f"{format_usd(cost, 5)} · {time.monotonic() - started:.1f}s")
             view.update(result.texts, final=True, note=note)
@@ -336,8 +336,7 @@ def comparison_html(run: Run, variants: list[str]) -> str:
     for v in range(k):
         outs = [run.outcomes[r * k + v] for r in range(rows)]
         tokens = sum(o.prompt_tokens + o.completion_tokens for o in outs)
-        costs = [cost_of(run.model, o.prompt_tokens, o.completion_tokens, batch=run.engine.batch)
-                 for o in outs if not o.cached]
+        costs = [run.engine.usd(o.prompt_tokens, o.completion_tokens, o.cached_tokens) for o in outs if not o.cached]
         cost = None if any(c is None for c in costs) else sum(costs)
         latencies = [o.latency for o in outs if o.latency is not None]
         latency = f"{sum(latencies) / len(latencies):.2f}s" if latencies else "–"

@@ -15,7 +15,7 @@ import sys
 from collections import deque
 from typing import TYPE_CHECKING, Any, TextIO
 
-from .pricing import format_usd
+from .pricing import cached_share, format_usd
 
 if TYPE_CHECKING:  # pragma: no cover
     from .run import Run
@@ -123,6 +123,7 @@ def snapshot(run: "Run", rates: _Rates | None = None) -> dict[str, Any]:
         "retrying": p.retrying, "done": p.done, "failed": p.failed, "cancelled": p.cancelled,
         "skipped": p.skipped, "rate_limited": p.rate_limited, "tokens": tokens, "cost": run.cost,
         "projected": run.projected_cost, "cached": p.cached,
+        "cached_share": cached_share(p.prompt_tokens, p.cached_prompt_tokens),
         "elapsed": elapsed, "eta": eta, "oldest": oldest, "rpm": rpm, "tpm": tpm,
         "rpm_limit": limits.get("rpm"), "tpm_limit": limits.get("tpm"), "last_error": p.last_error,
         "note": " · ".join(_notes(p, now)) or None,
@@ -326,8 +327,9 @@ class Panel(_Ticker):
         eta = f" · ETA {_fmt_secs(s['eta'])}" if s["eta"] is not None else ""
         projected = f" (projected total {format_usd(s['projected'])})" if s["projected"] is not None else ""
         note = f"<br><span class='nbparrot-note'>{html.escape(s['note'])}</span>" if s["note"] else ""
+        cache_share = f" ({s['cached_share']})" if s.get("cached_share") else ""
         return (f"<span class='nbparrot-counts'>{counts}</span>{rate}<br>"
-                f"tokens <b>{s['tokens']:,}</b> · {format_usd(s['cost'])}{projected} · "
+                f"tokens <b>{s['tokens']:,}</b>{cache_share} · {format_usd(s['cost'])}{projected} · "
                 f"elapsed {_fmt_secs(s['elapsed'])}{eta}{oldest}{note}")
 
     def close(self) -> None:

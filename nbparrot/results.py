@@ -17,7 +17,6 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from .engine import OK
-from .pricing import cost_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from .run import Run
@@ -140,7 +139,7 @@ def shape(run: "Run", layout: Shape) -> Any:
 
 
 def _meta_columns(run: "Run", requests: list[int]) -> dict[str, list]:
-    prepared, outcomes, model = run.prepared, run.outcomes, run.model
+    prepared, outcomes, model, usd = run.prepared, run.outcomes, run.model, run.engine.usd
     params = json.dumps({k: v for k, v in run.engine.params.items() if k != "response_format"}, sort_keys=True)
     meta: dict[str, list] = {c: [] for c in META_COLUMNS}
     for k in requests:
@@ -152,7 +151,7 @@ def _meta_columns(run: "Run", requests: list[int]) -> dict[str, list]:
         meta["finish_reason"].append(o.finish_reason)
         meta["prompt_tokens"].append(o.prompt_tokens)
         meta["completion_tokens"].append(o.completion_tokens)
-        meta["cost"].append(0.0 if o.cached else cost_of(model, o.prompt_tokens, o.completion_tokens, batch=run.engine.batch))
+        meta["cost"].append(0.0 if o.cached else usd(o.prompt_tokens, o.completion_tokens, o.cached_tokens))
         meta["latency"].append(o.latency)
         meta["attempts"].append(o.attempts)
         meta["cached"].append(o.cached)

@@ -113,7 +113,8 @@ class Planning:
             sending += len(rows)
             prompt_tokens += sum(costs.get(k) for k in rows) - reply_tokens * len(rows)
         progress.note = None
-        self.estimate = estimate(self.model, sending, prompt_tokens, reply_tokens * sending, batch=self.batch)
+        self.estimate = estimate(self.model, sending, prompt_tokens, reply_tokens * sending, batch=self.batch,
+                                 base_url=self.endpoint.base_url)
         self._planned = True
 
     def _settle_cached(self, row: int, answer: CachedAnswer | None) -> bool:
