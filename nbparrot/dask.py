@@ -80,6 +80,8 @@ _REFUSED = {
     "confirm_over": "confirm_over asks in the notebook's panel before sending, and dask partitions run "
                     "on workers without one: cap the spend with max_cost= (split evenly over the "
                     "partitions), or try the template on ddf.head(20).llm.map(...) first",
+    "client": "an openai client object stays in this process (its headers and token do not travel to the "
+              "workers): pass base_url= and api_key= instead",
 }
 _META_DTYPES = {"prompt_tokens": "int64", "completion_tokens": "int64", "attempts": "int64",
                 "cost": "float64", "latency": "float64", "cached": "bool"}

@@ -202,8 +202,8 @@ class NbparrotMagics(Magics):
 
     def _single(self, args: argparse.Namespace, prompt: str, schema: Any) -> None:
         """One prompt: stream the answer into the output; bind ``-o`` when it ends."""
-        endpoint = resolve_endpoint(args.base_url)
         model = args.model or defaults.model
+        endpoint = resolve_endpoint(args.base_url, model=model)
         system = args.system if args.system is not None else defaults.system
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         body: dict[str, Any] = {"model": model, "max_tokens": args.max_tokens or defaults.max_tokens}

@@ -87,11 +87,7 @@ class EmbedEngine(Engine):
 
     @property
     def url(self) -> str:
-        endpoint = self.endpoint
-        url = endpoint.base_url + "/embeddings"
-        if endpoint.azure and endpoint.api_version and "/deployments/" in endpoint.base_url:
-            url += f"?api-version={endpoint.api_version}"
-        return url
+        return self.endpoint.url("/embeddings")
 
     def vector(self, row: int) -> np.ndarray | None:
         """Row ``row``'s vector (a view), or None."""
