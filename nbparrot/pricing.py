@@ -15,11 +15,12 @@ used, which is also what a budget must assume).
 
 from __future__ import annotations
 
+import threading
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
 __all__ = ["Price", "PRICES", "BATCH_DISCOUNT", "price_of", "set_price", "cost_of", "Estimate", "estimate",
-           "format_usd", "cached_share"]
+           "format_usd", "cached_share", "known", "preload"]
 
 
 class Price(NamedTuple):
@@ -43,6 +44,35 @@ BATCH_DISCOUNT = 0.5
 _looked_up: dict[tuple[str, str | None], Price | None] = {}  # (model, base_url) -> the database's price
 
 
+_loaded = threading.Event()  # the price database is imported (it takes ~0.2-0.8 s of CPU, once per process)
+_loader: threading.Thread | None = None
+
+
+def preload() -> threading.Event:
+    """Start loading the price database in a background thread (once); the event is set when it is
+    in, so a notebook's ``map()`` returns at once and its planning waits for the prices without
+    holding the loop."""
+    global _loader
+    if _loader is None and not _loaded.is_set():
+        _loader = threading.Thread(target=_load, name="nbparrot-prices", daemon=True)
+        _loader.start()
+    return _loaded
+
+
+def _load() -> None:
+    try:
+        from genai_prices.data_snapshot import get_snapshot
+
+        get_snapshot()
+    finally:  # a failed import is raised again, and reported, by the lookup that needs it
+        _loaded.set()
+
+
+def known(model: str, base_url: str | None = None) -> bool:
+    """Whether ``price_of(model, base_url)`` answers without loading the price database."""
+    return model in PRICES or (model, base_url) in _looked_up or _loaded.is_set()
+
+
 def set_price(model: str, input: float, output: float, cached_input: float | None = None) -> None:
     """Add or override a model's price (USD per 1M tokens), on every endpoint."""
     PRICES[model] = Price(float(input), float(input if cached_input is None else cached_input), float(output))
@@ -64,7 +94,8 @@ def price_of(model: str, base_url: str | None = None) -> Price | None:
 def _lookup(model: str, base_url: str | None) -> Price | None:
     """genai-prices' price of ``model``: at the provider whose API ``base_url`` is, else by the name, else
     at OpenAI (embedding names match no provider by themselves)."""
-    from genai_prices.data_snapshot import get_snapshot  # ~0.2 s, once, only when a price is needed
+    preload().wait()
+    from genai_prices.data_snapshot import get_snapshot
 
     snapshot = get_snapshot()
     provider = None

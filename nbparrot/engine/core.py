@@ -31,7 +31,7 @@ from ..cache import Cache
 from ..config import Endpoint
 from ..errors import BudgetExceededError, ConfigError, EndpointUnreachableError, FatalError
 from ..outcomes import CANCELLED, PENDING, Outcome, Outcomes
-from ..pricing import Estimate, Price, price_of
+from ..pricing import Estimate, Price, known, preload, price_of
 from ..ratelimit import Pacer
 from ..structured import Schema
 from ..transport import TRANSIENT_ERRORS, ResponseTooLargeError, Transport
@@ -41,6 +41,9 @@ from .planning import Planning
 from .progress import Progress
 from .settings import EngineSettings, FAN_OUT, PAUSE_SHOWN
 from .words import _describe
+
+
+_UNSET = object()  # the price is not looked up yet
 
 
 class Engine(Planning, Answers):
@@ -78,9 +81,12 @@ class Engine(Planning, Answers):
         self.cache, self._refresh = cache, refresh
         self.estimate: Estimate | None = None
         self.model = str(self.params.get("model", ""))
-        # looked up once per run (per model and endpoint): never per request
-        self.price: Price | None = price_of(self.model, endpoint.base_url)
-        if self.settings.max_cost is not None and self.price is None:
+        # looked up once per run (per model and endpoint), never per request: at once for a budget, else
+        # while planning (the price database loads in a thread meanwhile, see pricing.preload)
+        self._price: Price | None | object = _UNSET
+        if self.settings.max_cost is None and not known(self.model, endpoint.base_url):
+            preload()
+        elif self.settings.max_cost is not None and self.price is None:
             raise ConfigError(f"max_cost cannot be kept: the price of {self.model!r} is unknown; "
                               "set it with nbparrot.set_price(model, input=..., output=...)")
         self._keys = _Keys(0)  # row -> its cache key (filled while planning, when there is a cache or a batch)
@@ -122,8 +128,17 @@ class Engine(Planning, Answers):
 
     # ---- public -------------------------------------------------------------------------
 
+    @property
+    def price(self) -> Price | None:
+        """This run's price (None: unknown), looked up on first use."""
+        if self._price is _UNSET:
+            self._price = price_of(self.model, self.endpoint.base_url)
+        return self._price  # type: ignore[return-value]
+
     def usd(self, prompt_tokens: float, completion_tokens: float, cached_tokens: float = 0) -> float | None:
         """USD for these tokens at this run's price (Batch API rates for a batch), or None if it is unknown."""
+        if self._price is _UNSET and not (prompt_tokens or completion_tokens):
+            return 0.0  # nothing spent yet, while the prices may still be loading
         price = self.price
         return None if price is None else price.cost(prompt_tokens, completion_tokens, cached_tokens, self.batch)
 
