@@ -147,3 +147,13 @@ def test_nbparrot_never_imports_openai_unless_given_a_client(make_server):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_dask_refuses_a_client_object_before_any_work():
+    dd = pytest.importorskip("dask.dataframe")
+    import nbparrot.dask  # noqa: F401 - registers ddf.llm
+
+    ddf = dd.from_pandas(pd.DataFrame({"t": ["a", "b"]}), npartitions=1)
+    client = openai.OpenAI(api_key=KEY, base_url="http://127.0.0.1:9/v1")
+    with pytest.raises(nbparrot.ConfigError, match="pass base_url= and api_key= instead"):
+        ddf.llm.map("Say {t}", client=client)
