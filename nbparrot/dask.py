@@ -194,6 +194,8 @@ def _plan(frame: dd.DataFrame, func: Any, args: tuple, options: dict[str, Any]) 
     options = dict(options)
     options.pop("confirm", None)  # only meaningful with confirm_over
     endpoint = resolve_endpoint(options.pop("base_url", None), options.pop("api_key", None))
+    if endpoint.extra_headers or endpoint.query:  # from nbparrot.configure(client=...)
+        raise ConfigError(f"{_REFUSED['client']} ({what} would use the session's client=, with its own headers)")
     options["base_url"] = endpoint.base_url
     options["model"] = options.get("model") or parameters["model"].default or defaults.model  # embed's own default
     for name in ("system", "max_retries", "timeout", "max_tokens"):

@@ -157,3 +157,9 @@ def test_dask_refuses_a_client_object_before_any_work():
     client = openai.OpenAI(api_key=KEY, base_url="http://127.0.0.1:9/v1")
     with pytest.raises(nbparrot.ConfigError, match="pass base_url= and api_key= instead"):
         ddf.llm.map("Say {t}", client=client)
+    nbparrot.configure(client=openai.OpenAI(api_key=KEY, base_url="http://127.0.0.1:9/v1", organization="org-1"))
+    try:  # the session's client, whose organization header would not reach the workers
+        with pytest.raises(nbparrot.ConfigError, match="session's client="):
+            ddf.llm.map("Say {t}")
+    finally:
+        nbparrot.configure(client=None)
