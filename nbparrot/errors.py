@@ -23,6 +23,7 @@ __all__ = [
     "EndpointUnreachableError",
     "EndpointFailingError",
     "RateLimitWaitError",
+    "LogprobsUnavailableError",
     "BudgetExceededError",
     "RunNotFinishedError",
     "RunCancelledError",
@@ -35,7 +36,15 @@ __all__ = [
 
 
 class NbparrotError(Exception):
-    """Base class of every error nbparrot raises."""
+    """Base class of every error nbparrot raises.
+
+    An error that stopped a run carries it as ``run`` (``err.run.partial()``, ``err.run.errors``)."""
+
+    run = None  # the Run this error stopped, when it stopped one
+
+    def __reduce__(self):  # pickled (e.g. from a dask worker) without its run, which holds a loop and a session
+        state = {k: v for k, v in self.__dict__.items() if k != "run"}
+        return self.__class__, self.args, state or None
 
 
 class ConfigError(NbparrotError, ValueError):
@@ -84,6 +93,10 @@ class EndpointFailingError(FatalError):
 
 class RateLimitWaitError(FatalError):
     """A 429 asked to wait longer than ``max_wait`` (say a daily limit): stopping beats a silent day-long pause."""
+
+
+class LogprobsUnavailableError(FatalError):
+    """The endpoint answered without the logprobs a cascade reads its confidence from."""
 
 
 class BudgetExceededError(NbparrotError):

@@ -6,7 +6,8 @@
 - ``%%llm --over DF [--sample K] -o NAME``: the cell is a row template run over a DataFrame
   as a ``Run`` (panel, Cancel, preview); ``NAME`` is bound to the Run at once.
 - Several prompt variants separated by a line ``---`` run over the same rows and are shown
-  side by side, with tokens, cost and latency per variant.
+  side by side, with tokens, cost and latency per variant; ``--expect COLUMN`` scores each
+  against that column (accuracy, cost, latency; see ``nbparrot.operators.scoring``).
 - ``%llm status | cancel [ID|all] | cost | models | cache info|clear`` manage the session.
 Defaults (model, base_url, concurrency, system, max_tokens) via ``%config NbparrotMagics.model = ...``.
 """
@@ -29,7 +30,7 @@ from IPython.display import HTML, Markdown, display
 from traitlets import Int, Unicode, observe
 
 from . import api
-from .operators import decisions
+from .operators import decisions, scoring
 from .cache import CachedAnswer, request_key
 from .config import configure, defaults, resolve_endpoint
 from .errors import NbparrotError
@@ -77,6 +78,7 @@ class NbparrotMagics(Magics):
     @argument("--batch", action="store_true", help="with --over: send through the OpenAI Batch API (half price)")
     @argument("--filter", action="store_true", help="with --over: the cell is a predicate; keep the rows it is true of")
     @argument("--classify", metavar="LABELS", help="with --over: one of these comma-separated labels per row")
+    @argument("--expect", metavar="COLUMN", help="with --over: score each variant against this column (accuracy, cost, latency)")
     @argument("command", nargs="*", help="line form: status | cancel [ID|all] | cost | models | cache info|clear")
     @no_var_expand  # {name} fields are ours to fill, from the cell body only
     @line_cell_magic
@@ -138,10 +140,14 @@ class NbparrotMagics(Magics):
             raise UsageError("%%llm: --filter and --classify need --over DF")
         if args.filter and args.classify:
             raise UsageError("%%llm: use --filter or --classify, not both")
+        if args.expect is not None and args.over is None:
+            raise UsageError("%%llm: --expect needs --over DF (the rows and their expected values)")
         if args.over is not None:
             frame = self._frame(args, ns)
             template = variants if len(variants) > 1 else variants[0]
             options = self._options(args, schema)
+            if args.expect is not None:
+                return self._scored(args, frame, variants, options)
             if args.filter or args.classify:
                 if schema is not None or args.json or args.n != 1:
                     raise UsageError("%%llm: --filter / --classify decide the answer's shape: no --json, --schema or -n")
@@ -165,6 +171,18 @@ class NbparrotMagics(Magics):
             _show_comparison_when_done(run, rendered)
             return None
         return self._single(args, rendered[0], schema)
+
+    def _scored(self, args: argparse.Namespace, frame: Any, variants: list[str], options: dict[str, Any]) -> None:
+        """``--expect COLUMN``: every variant scored against the column; the scores shown when done."""
+        schema, n = options.pop("schema"), options.pop("n")
+        if schema is not None or args.json or n != 1 or args.batch:
+            raise UsageError("%%llm: --expect compares answers as they come: no --json, --schema, -n or --batch")
+        task = "filter" if args.filter else "classify" if args.classify else "map"
+        labels = [w.strip() for w in args.classify.split(",") if w.strip()] if args.classify else None
+        run = scoring.compare(frame, variants, expect=args.expect, task=task, labels=labels, **options)
+        if args.output:
+            self.shell.user_ns[args.output] = run
+        _show_comparison_when_done(run, variants, render=lambda run, _variants: scoring.scores_html(run))
 
     def _options(self, args: argparse.Namespace, schema: Any) -> dict[str, Any]:
         options: dict[str, Any] = {"model": args.model, "system": args.system, "temperature": args.temperature,
@@ -307,13 +325,15 @@ def _render(text: str, ns: dict) -> str:
     return template.render(ns)
 
 
-def _show_comparison_when_done(run: Run, variants: list[str]) -> None:
-    """Once the run ends, show one column per variant and tokens / cost / latency per variant."""
+def _show_comparison_when_done(run: Run, variants: list[str], render: Any = None) -> None:
+    """Once the run ends, show one column per variant and tokens / cost / latency per variant
+    (or what ``render(run, variants)`` makes of it: the scores of ``--expect``)."""
+    render = render or comparison_html
     handle = display(HTML("<i>comparing variants…</i>"), display_id=True)
 
     async def show() -> None:
         await asyncio.wait({run._task})
-        handle.update(HTML(comparison_html(run, variants)))
+        handle.update(HTML(render(run, variants)))
 
     task = run._loop.create_task(show())
     _tasks.add(task)
@@ -336,7 +356,8 @@ def comparison_html(run: Run, variants: list[str]) -> str:
     for v in range(k):
         outs = [run.outcomes[r * k + v] for r in range(rows)]
         tokens = sum(o.prompt_tokens + o.completion_tokens for o in outs)
-        costs = [run.engine.usd(o.prompt_tokens, o.completion_tokens, o.cached_tokens) for o in outs if not o.cached]
+        costs = [cost_of(run.model, o.prompt_tokens, o.completion_tokens, o.cached_tokens, batch=run.engine.batch,
+                         base_url=run.engine.endpoint.base_url) for o in outs if not o.cached]
         cost = None if any(c is None for c in costs) else sum(costs)
         latencies = [o.latency for o in outs if o.latency is not None]
         latency = f"{sum(latencies) / len(latencies):.2f}s" if latencies else "–"

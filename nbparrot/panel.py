@@ -176,6 +176,11 @@ class _Ticker:
         """Show the final state."""
 
 
+def _fit(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters, ending in an ellipsis when cut (counts come first, notes last)."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 class TextLine(_Ticker):
     """A one-line progress display on stderr (rewritten in place on a terminal)."""
 
@@ -188,19 +193,40 @@ class TextLine(_Ticker):
         self._rates = _Rates()
 
     def line(self) -> str:
-        s = snapshot(self.run, self._rates)
+        """Counts, cost and time, then what is being retried and the notes, in ``width`` columns; tokens
+        and the ETA when there is room (a note is cut with an ellipsis rather than left out)."""
+        s, width = snapshot(self.run, self._rates), self.width
         parts = [f"nbparrot run {self.run.id}: {s['settled']}/{s['total']}", f"{s['done']} done"]
-        for key in ("failed", "skipped", "cancelled", "in_flight", "retrying"):
+        extras = []
+        why = s["retrying"] and s["last_error"] and s["status"] == "running"
+        if why:  # what is wrong, while it is being retried
+            extras.append(f"{s['retrying']} retrying: {s['last_error']}")
+        for key in ("failed", "skipped", "cancelled", "in_flight") + (() if why else ("retrying",)):
             if s[key]:
                 parts.append(f"{s[key]} {key.replace('_', ' ')}")
-        parts.append(f"{_fmt_int(s['tokens'])} tok")
-        parts.append(format_usd(s["cost"]))
-        parts.append(_fmt_secs(s["elapsed"]))
-        if s["eta"] is not None:
-            parts.append(f"ETA {_fmt_secs(s['eta'])}")
         if s["note"]:
-            parts.append(s["note"])
-        return " · ".join(parts)
+            extras.append(s["note"])
+        timing = [_fmt_secs(s["elapsed"])] if extras and not s["cost"] else [format_usd(s["cost"]), _fmt_secs(s["elapsed"])]
+        line = " · ".join(parts + timing)
+        if not extras:
+            eta = [f"ETA {_fmt_secs(s['eta'])}"] if s["eta"] is not None else []
+            full = " · ".join(parts + [f"{_fmt_int(s['tokens'])} tok"] + timing + eta)
+            line = full if len(full) <= width else " · ".join(parts + timing + eta)
+        for extra in extras:
+            room = width - len(line) - 3
+            if room < 12:
+                break
+            line += " · " + _fit(extra, room)
+        return _fit(line, width)
+
+    @property
+    def width(self) -> int:
+        """Columns the line may take: the terminal's (one spare, so it never wraps), else 80."""
+        if not self._tty:
+            return 80
+        import shutil
+
+        return max(40, shutil.get_terminal_size((80, 24)).columns - 1)
 
     def refresh(self) -> None:
         text = self.line()

@@ -4,7 +4,8 @@ Inside a running event loop (a Jupyter kernel runs every cell inside one) the ba
 as a task on that very loop and the call returns at once: the panel shows progress, a later
 cell can ``await run``, and the Cancel button stops it. Outside a loop (a script, plain
 ``python``, the IPython terminal) the same call runs to completion with a text progress
-line, and Ctrl-C cancels it while keeping the finished rows. ``asyncio.run`` is never
+line, and Ctrl-C cancels it while keeping the finished rows; a run stopped by a fatal error
+raises it from the call that started it, as ``await run`` would, with the run as ``err.run``. ``asyncio.run`` is never
 called inside a running loop and ``nest_asyncio`` is never used: on ipykernel 7 it loses
 shell messages (Cancel clicks vanish, queued cells hang).
 """
@@ -23,7 +24,7 @@ from .engine import CANCELLED, FAILED, SKIPPED, Engine
 from .errors import ConfigError, NbparrotError, RunCancelledError, RunNotFinishedError
 from .pricing import cached_share, format_usd
 
-__all__ = ["Run", "live_runs", "record_usage", "session_usage"]
+__all__ = ["Run", "StagedRun", "live_runs", "record_usage", "session_usage"]
 
 _ids = itertools.count(1)
 _live: dict[int, "Run"] = {}  # strong references: asyncio keeps only weak ones to tasks
@@ -111,6 +112,8 @@ class Run:
             before()
         if loop is None:
             self._run_here()
+            if self.error is not None:  # a script must not go on as if it had answers: raise, as await would
+                raise self._with_run(self.error)
         else:
             self._start_on(loop)
         return self
@@ -182,11 +185,15 @@ class Run:
             self._cancel_requested = True
             self.engine.abandon("not sent: the run was cancelled before it started")
         _live.pop(self.id, None)
+        self._record_usage()
+        self._finished.set()
+        self.view.finished()
+
+    def _record_usage(self) -> None:
+        """Add this run's requests and tokens to the session's totals (once, as it ends)."""
         p = self.progress
         record_usage(self.model, requests=p.requests, prompt_tokens=p.prompt_tokens,
                      completion_tokens=p.completion_tokens, cached=p.cached, batch=self.engine.batch, cost=self.cost)
-        self._finished.set()
-        self.view.finished()
 
     # ---- state --------------------------------------------------------------------------
 
@@ -274,6 +281,10 @@ class Run:
         p = self.progress
         return self.engine.usd(p.prompt_tokens, p.completion_tokens, p.cached_prompt_tokens)
 
+    def model_of(self, request: int) -> str:
+        """The model that answered request ``request`` (one model per run, but for staged runs)."""
+        return self.model
+
     @property
     def projected_cost(self) -> float | None:
         """The whole run's cost as it looks now: spend so far plus the rows left at the average so far."""
@@ -313,11 +324,19 @@ class Run:
                 f"run {self.id} is still going ({self.progress.settled}/{self.progress.total} rows settled): "
                 "use `result = await run` in a notebook cell, or check run.done()")
         if self.error is not None:
-            raise self.error
+            raise self._with_run(self.error)
         if self._cancel_requested and self.progress.cancelled:
             warnings.warn(f"run {self.id} was cancelled: {self.progress.done} of {self.progress.total} rows "
                           f"answered; the other {self.progress.total - self.progress.done} are NA", stacklevel=2)
         return self.partial()
+
+    def _with_run(self, error: BaseException) -> BaseException:
+        """``error`` with this run attached as ``error.run`` (its finished rows stay reachable)."""
+        try:
+            error.run = self  # type: ignore[attr-defined]
+        except AttributeError:  # an exception type that takes no attributes: raised as it is
+            pass
+        return error
 
     def partial(self) -> Any:
         """Whatever is answered so far, in the input's shape (unanswered rows NA), at any time."""
@@ -364,16 +383,23 @@ class Run:
 
     # ---- guards and display -------------------------------------------------------------
 
-    def _values(self) -> list:
+    def _finished_result(self) -> Any:
         if not self.done():
             raise RunNotFinishedError(
                 f"run {self.id} has not finished, so it has no values yet: `await` it first "
                 "(e.g. `df['answer'] = await run`), or pass into='answer' to fill a column as rows land")
-        result = self.result()
+        return self.result()
+
+    def _values(self) -> list:
+        result = self._finished_result()
         return list(result) if not hasattr(result, "tolist") else result.tolist()
 
     def __iter__(self):
         return iter(self._values())
+
+    def __getitem__(self, key: Any) -> Any:
+        """``run[k]`` is ``run.result()[k]`` (a finished run only): a Series label, a column, a record."""
+        return self._finished_result()[key]
 
     def __len__(self) -> int:
         return len(self._values())
@@ -412,3 +438,58 @@ class Run:
         else:
             print(repr(self))
 
+
+
+class StagedRun(Run):
+    """The ``Run`` of a ``StagedEngine`` (a cascade, a multi-level reduction): the panel and Cancel
+    span the stages; usage and cost are kept per stage and priced at each stage's model. Its
+    progress counts requests (the total grows as stages are added); ``summary`` counts rows."""
+
+    def __init__(self, engine: Any, prepared: Prepared, *, model: str, shape: Callable[["Run"], Any],
+                 label: str = ""):
+        super().__init__(engine, prepared, model=" → ".join(engine.models) or model, shape=shape, label=label)
+
+    @property
+    def usage(self) -> dict[str, dict[str, int]]:
+        """Requests, tokens and cached answers per model, summed over the stages."""
+        out: dict[str, dict[str, int]] = {}
+        progress = self.progress
+        for stage in self.engine.stages:
+            requests, prompt, completion = stage.usage(progress)
+            totals = out.setdefault(stage.model, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                                                  "cached": 0})
+            totals["requests"] += requests
+            totals["prompt_tokens"] += prompt
+            totals["completion_tokens"] += completion
+            totals["cached"] += sum(stage.engine.outcomes.cached)
+        return out
+
+    @property
+    def cost(self) -> float | None:
+        """USD spent so far over every stage, each at its model's price (None if one is unknown)."""
+        costs = [stage.cost(self.progress) for stage in self.engine.stages]
+        return None if any(c is None for c in costs) else sum(costs)
+
+    def model_of(self, request: int) -> str:
+        return self.engine.planner.model_of(request)
+
+    def _record_usage(self) -> None:
+        progress = self.progress
+        for model, totals in self.usage.items():
+            costs = [stage.cost(progress) for stage in self.engine.stages if stage.model == model]
+            record_usage(model, **totals, cost=None if None in costs else sum(costs))
+
+    def summary(self) -> str:
+        """One line: status, answers (of the final outcomes), requests per model, tokens, cost, time, and the plan's own words."""
+        p, outcomes = self.progress, self.outcomes
+        parts = [f"run {self.id} {self.status}: {outcomes.count_status('ok')}/{len(outcomes)} answered"]
+        for name in ("failed", "cancelled", "skipped"):
+            if outcomes.count_status(name):
+                parts.append(f"{outcomes.count_status(name)} {name}")
+        parts.append(" + ".join(f"{u['requests']:,} requests to {model}" for model, u in self.usage.items()))
+        parts.append(f"{p.prompt_tokens + p.completion_tokens:,} tokens")
+        parts.append(format_usd(self.cost))
+        if p.started is not None and p.finished is not None:
+            parts.append(f"{p.finished - p.started:.1f}s")
+        words = self.engine.planner.describe()
+        return ", ".join(parts) + (f"; {words}" if words else "")

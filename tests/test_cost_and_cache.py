@@ -116,8 +116,10 @@ def test_max_cost_stops_before_the_budget_is_passed(make_server):
     server = make_server(latency_ms=5, completion_tokens=30)
     df = pd.DataFrame({"text": [f"row {i} " + "x" * 400 for i in range(400)]})
     budget = 0.004
-    run = df.llm.map("Say {text}", base_url=server.base_url, api_key=KEY, max_tokens=50, max_cost=budget,
-                     concurrency=16)
+    with pytest.raises(nbparrot.BudgetExceededError, match="max_cost") as info:  # in a script, map raises it
+        df.llm.map("Say {text}", base_url=server.base_url, api_key=KEY, max_tokens=50, max_cost=budget,
+                   concurrency=16)
+    run = info.value.run
     assert run.estimate.max_cost > budget
     assert run.status == "stopped"
     with pytest.raises(nbparrot.BudgetExceededError, match="max_cost"):
