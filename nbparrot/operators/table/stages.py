@@ -96,7 +96,7 @@ class StagedProgress:
     requests of passes not started yet (``later``: queued, in the total) and the work's own note."""
 
     _SUMMED = ("queued", "in_flight", "retrying", "done", "cancelled", "skipped", "cached", "requests",
-               "rate_limited", "prompt_tokens", "completion_tokens", "usage_estimated")
+               "rate_limited", "prompt_tokens", "completion_tokens", "cached_prompt_tokens", "usage_estimated")
 
     def __init__(self, staged: "Staged"):
         self._staged = staged
