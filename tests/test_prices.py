@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 import nbparrot
-from nbparrot.panel import Panel, snapshot
+from nbparrot.panel import snapshot, stats_html
 from nbparrot.pricing import Price, cost_of, price_of, set_price
 from nbparrot.server.promptcache import PromptCache
 
@@ -96,7 +96,7 @@ def test_cached_prompt_tokens_are_priced_at_the_cached_rate_end_to_end(make_serv
     share = f"prompt {100 * p.cached_prompt_tokens / p.prompt_tokens:.0f}% cached"
     assert share in run.summary()
     shown = snapshot(run)
-    assert shown["cached_share"] == share and share in Panel._stats_html({**shown, "rpm": None, "oldest": None})
+    assert shown["cached_share"] == share and share in stats_html(shown)
 
 
 def test_a_claude_model_through_a_gateway_has_a_price_so_max_cost_can_hold():
