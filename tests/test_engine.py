@@ -213,7 +213,7 @@ def test_numeric_error_codes_fail_their_row_and_never_hang_the_run(make_server):
     run = nbparrot.map(df, "Say: {text}", base_url=server.base_url, api_key=KEY)
     result = run.result()
     assert result.isna().tolist() == [i == 4 for i in range(6)]
-    assert run.errors.loc["id4", "error"].startswith("400 400: This request was rejected")
+    assert run.errors.loc["id4", "error"].startswith("400 This request was rejected")
 
 
 def test_a_request_larger_than_the_learned_window_still_goes(make_server):
