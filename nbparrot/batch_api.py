@@ -32,6 +32,7 @@ import aiohttp
 
 from .engine import FAILED, OK, Engine
 from .errors import FatalError, describe_error, error_fields, fatal_error
+from .images.parts import MediaError
 from .transport import TRANSIENT_ERRORS
 
 __all__ = ["BatchEngine"]
@@ -94,18 +95,25 @@ class BatchEngine(Engine):
         for row in rows:
             key = self._keys[row]
             custom_id = f"{row}-{key[:16]}"
+            try:
+                body = {**self.params, "messages": self._messages(row)}
+            except MediaError as exc:  # an image that cannot be read or sent: that row fails, the others go
+                self._fail(row, str(exc))
+                continue
             self._ids[custom_id] = row
-            body = {**self.params, "messages": self._messages(row)}
             lines.append((row, json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
                                            "body": body}).encode()))
         return lines
 
     async def _submit_or_reattach(self, rows: list[int]) -> None:
-        chunks = _split(self._lines(rows), self.max_lines, self.max_bytes)
+        lines = self._lines(rows)
+        if not lines:  # every row failed before sending (images that cannot be read)
+            return
+        chunks = _split(lines, self.max_lines, self.max_bytes)
         self._job = hashlib.sha256("\n".join([self.endpoint.base_url, *self._ids]).encode()).hexdigest()
         progress = self.progress
         progress.queued = 0
-        progress.in_flight = len(rows)
+        progress.in_flight = len(lines)
         if self.cache is not None:
             known = self.cache.job_batches(self._job)
             live = []

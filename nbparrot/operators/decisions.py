@@ -107,7 +107,7 @@ def filter(data: Any, predicate: str | Sequence[Mapping[str, str]], *, mask: boo
     setup = api.resolve(options)
     schema = Schema({"answer": typing.Annotated[bool, _strict()]})
     prepared = prepare(data, predicate, system=_system(setup.system, FILTER_INSTRUCTION),
-                       on_missing=options["on_missing"])
+                       on_missing=options["on_missing"], media=setup.media)
     return api.launch(setup, prepared, setup.chat_body(), _FilterShape(mask, options["meta"], name),
                       schema=schema, label=f"filter: {prepared.templates[0]}")
 
@@ -240,7 +240,7 @@ def classify(data: Any, template: str | Sequence[Mapping[str, str]], labels: Any
         body["logprobs"] = True  # no top_logprobs: the chosen label's own tokens are all it reads (4x smaller answers)
         extract = _read_confidence
     prepared = prepare(data, template, system=_system(setup.system, _classify_instruction(names, descriptions, multi)),
-                       on_missing=options["on_missing"])
+                       on_missing=options["on_missing"], media=setup.media)
     run = api.launch(setup, prepared, body, _ClassifyShape(names, multi, confidence, options["meta"], name),
                      schema=schema, extract=extract, label=f"classify into {len(names)} labels: {prepared.templates[0]}")
     return run
