@@ -15,6 +15,7 @@ import sys
 from collections import deque
 from typing import TYPE_CHECKING, Any, TextIO
 
+from .images.thumbs import row_thumbnails
 from .pricing import format_usd
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -366,7 +367,7 @@ def _preview_html(run: "Run", rows: int = 5, width: int = 160) -> str:
         if isinstance(answer, list):
             answer = " | ".join(map(str, answer))
         cut = lambda t: html.escape(t if len(t) <= width else t[: width - 1] + "…")  # noqa: E731
-        out.append(f"<tr><td style='text-align:left'>{cut(str(prompt))}</td>"
+        out.append(f"<tr><td style='text-align:left'>{row_thumbnails(run.prepared, k)}{cut(str(prompt))}</td>"
                    f"<td style='text-align:left'>{cut(str(answer))}</td></tr>")
     if not out:
         return ""

@@ -15,7 +15,7 @@ from typing import Any
 
 from .parts import MediaError, MediaOptions, MediaPart
 
-__all__ = ["thumbnail_html", "THUMB_PX"]
+__all__ = ["thumbnail_html", "row_thumbnails", "THUMB_PX"]
 
 THUMB_PX = 48
 _STYLE = f"max-width:{THUMB_PX}px;max-height:{THUMB_PX}px;vertical-align:middle;margin-right:6px"
@@ -45,7 +45,7 @@ def thumbnail_html(value: Any, px: int = THUMB_PX) -> str:
         small = pixels.copy() if pixels is part.value else pixels
         small.thumbnail((px, px))
         if small.mode not in ("RGB", "L"):
-            small = small.convert("RGBA").convert("RGB") if "A" not in small.mode else _flatten(small)
+            small = _flatten(small) if "A" in small.mode or "transparency" in small.info else small.convert("RGB")
         out = io.BytesIO()
         small.save(out, "JPEG", quality=70)
     except (MediaError, ImportError, OSError, ValueError, SyntaxError) as exc:
@@ -53,6 +53,12 @@ def thumbnail_html(value: Any, px: int = THUMB_PX) -> str:
         return f"<span title='{why}' style='{_TAG}'>?</span>"
     data = base64.b64encode(out.getvalue()).decode("ascii")
     return f"<img src='data:image/jpeg;base64,{data}' title='{title}' alt='{title}' style='{_STYLE}'>"
+
+
+def row_thumbnails(prepared: Any, request: int) -> str:
+    """The thumbnails of a request's images (empty when it has none): what the views put beside its answer."""
+    parts = getattr(prepared, "media_parts", None)
+    return "".join(thumbnail_html(part) for part in parts(request)) if parts is not None else ""
 
 
 def _flatten(image: Any) -> Any:
