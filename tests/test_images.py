@@ -291,3 +291,30 @@ def test_thumbnails_in_the_preview_and_the_comparison(tmp_path, make_server):
     compare = nbparrot.map(frame, ["Describe {photo}", "Name {photo}"], images=["photo"], **opts(server))
     compare.result()
     assert comparison_html(compare, ["Describe {photo}", "Name {photo}"]).count("<img src='data:image/jpeg") == 3
+
+
+# ---- the magics, in a real kernel ------------------------------------------------------------
+
+
+def test_llm_magic_with_an_image_variable(tmp_path, make_server):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from harness import KernelHarness, kernel_python, wait_until
+
+    server = make_server()
+    photo = tmp_path / "owl.png"
+    photo.write_bytes(png(color=(90, 60, 30)))
+    env = {"NBPARROT_CACHE_DIR": str(tmp_path / "cache"), "OPENAI_API_KEY": KEY}
+    with KernelHarness(python=kernel_python(None), cwd=str(tmp_path), env=env) as kernel:
+        kernel.execute(f"%load_ext nbparrot\n%config NbparrotMagics.base_url = {server.base_url!r}\n"
+                       f"from pathlib import Path\nfrom PIL import Image\npath = Path({str(photo)!r})\n"
+                       "pic = Image.open(path)\npic.load()", check=True)
+        kernel.execute("%%llm --images path -o answer\nWhat bird is in {path}?", check=True)
+        wait_until(lambda: kernel.eval("'answer' in globals()"), timeout=30, message="-o was never bound")
+        assert f"[image:{image_tag(photo.read_bytes())}]" in kernel.eval("answer")
+        kernel.execute("%%llm -o pair\nDescribe {pic}\n---\nName {pic}", check=True)  # a PIL image: found by type
+        kernel.execute("import asyncio\nawait asyncio.wait({pair._task})", check=True, timeout=30)
+        answers = kernel.eval("[o.content for o in pair.outcomes]")
+        with Image.open(photo) as pic:
+            assert all(f"[image:{image_tag(sent_png(pic))}]" in a for a in answers) and len(answers) == 2

@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping
 from ..cache import Cache
 from ..config import Endpoint
 from ..errors import BudgetExceededError, ConfigError, EndpointUnreachableError, FatalError
-from ..images.parts import MediaError, expand
+from ..images.parts import MediaError, encode_messages, expand
 from ..outcomes import CANCELLED, PENDING, Outcome, Outcomes
 from ..pricing import Estimate, cost_of, price_of
 from ..ratelimit import Pacer
@@ -307,7 +307,13 @@ class Engine(Planning, Answers):
         loop, progress = self._loop, self.progress
         outcome = self.outcomes[row]
         try:
-            body = b"".join((self._prefix, json.dumps(self._messages(row)).encode(), b"}"))
+            messages = self._messages(row, wire=False)
+            if self._media:  # read, scale and base64 in a thread: a photo's decode must not stall the loop
+                encoded = await loop.run_in_executor(None, encode_messages, messages)
+            else:
+                encoded = json.dumps(messages).encode()
+            body = b"".join((self._prefix, encoded, b"}"))
+            del messages, encoded
         except MediaError as exc:  # an image that cannot be read, or is too large even scaled down: nothing sent
             self._release(row)
             self._fail(row, str(exc))

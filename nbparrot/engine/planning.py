@@ -79,13 +79,14 @@ class Planning:
         keys = self._keys = _Keys(n if keyed else 0)
         base, params, model = self.endpoint.base_url, self.params, self.model
         opened = self.cache is None
+        every = 0 if getattr(source, "media", None) else 63  # rows between clock checks: an image row may take ms
         sending = prompt_tokens = 0
         row = 0
         while row < n:
             progress.note = f"preparing: {row:,} of {n:,} rows"
             end = clock() + PLAN_SLICE
             rows = []
-            while row < n and (row & 63 or clock() < end):
+            while row < n and (row & every or clock() < end):
                 k, row = row, row + 1
                 try:
                     messages = render(k)
