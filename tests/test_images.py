@@ -318,3 +318,57 @@ def test_llm_magic_with_an_image_variable(tmp_path, make_server):
         answers = kernel.eval("[o.content for o in pair.outcomes]")
         with Image.open(photo) as pic:
             assert all(f"[image:{image_tag(sent_png(pic))}]" in a for a in answers) and len(answers) == 2
+
+
+def test_embeddings_refuse_an_image_column(make_server):
+    server = make_server()
+    with pytest.raises(ConfigError, match="embeddings take text"):
+        nbparrot.embed(pd.DataFrame({"raw": [png(), png(color=(1, 1, 1))]}), "raw", **opts(server))
+    assert server.stats()["requests"] == 0
+
+
+def test_an_endpoint_that_refuses_image_parts_fails_the_rows_saying_why(tmp_path):
+    """A real local endpoint (not the bundled one) that answers every chat request with OpenAI's 400 for a
+    model without vision: each row fails with that message and a note about image / file parts."""
+    import asyncio
+    import threading
+
+    from aiohttp import web
+
+    refusal = {"error": {"message": "Invalid content type. image_url is only supported by certain models.",
+                         "type": "invalid_request_error", "param": "messages.[0].content.[1].type", "code": None}}
+    ready, stop, where = threading.Event(), threading.Event(), {}
+
+    def serve() -> None:
+        async def main() -> None:
+            app = web.Application(client_max_size=64 * 1024 * 1024)
+            async def refuse(request: web.Request) -> web.Response:
+                await request.read()
+                return web.json_response(refusal, status=400)
+
+            app.router.add_post("/v1/chat/completions", refuse)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            where["url"] = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
+            ready.set()
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+            await runner.cleanup()
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(10)
+        frame = pd.DataFrame({"photo": photos(tmp_path, 3)})
+        run = nbparrot.map(frame, "Describe {photo}", images=["photo"], base_url=where["url"], api_key=KEY,
+                           model="mock", progress=False, cache="off", max_retries=0)
+        errors = run.errors["error"].tolist()
+        assert len(errors) == 3
+        assert all("only supported by certain models" in e and "images or PDFs as content parts" in e for e in errors)
+    finally:
+        stop.set()
+        thread.join(10)
