@@ -214,7 +214,10 @@ def test_the_cache_keys_on_the_image_bytes(tmp_path, make_server):
     assert mark(again[2]) == f"[image:{image_tag(Path(paths[2]).read_bytes())}]"
 
 
-def test_batch_api_mode_sends_each_rows_image(tmp_path, make_server):
+def test_batch_api_mode_sends_each_rows_image(tmp_path, make_server, monkeypatch):
+    from nbparrot.batch_api import BatchEngine
+
+    monkeypatch.setattr(BatchEngine, "max_bytes", 1500)  # a line is ~0.6 KB: several files, built one at a time
     server = make_server(batch_seconds=0.5)
     paths = photos(tmp_path, 5)
     frame = pd.DataFrame({"photo": paths + [str(tmp_path / "missing.png")]})
@@ -222,6 +225,7 @@ def test_batch_api_mode_sends_each_rows_image(tmp_path, make_server):
     answers = run.result()
     assert [mark(a) for a in answers[:5]] == [f"[image:{image_tag(Path(p).read_bytes())}]" for p in paths]
     assert "no such file" in run.errors["error"].iloc[0]
+    assert server.stats()["files_uploaded"] >= 2  # split into files, each built when it was uploaded
 
 
 def test_filter_and_classify_over_images(tmp_path, make_server):

@@ -101,12 +101,13 @@ def _pillow() -> Any:
 class MediaPart:
     """An image or document in a rendered row, read only when its key, tokens or wire form is asked for."""
 
-    __slots__ = ("value", "field", "options", "_data", "_info")
+    __slots__ = ("value", "field", "options", "_data", "_info", "_array")
 
     def __init__(self, value: Any, field: str, options: MediaOptions):
         self.value, self.field, self.options = value, field, options
         self._data: bytes | None = None
         self._info: tuple[str, int | None, int | None] | None = None  # (mime, width, height); pages for a PDF
+        self._array: Any = None  # a numpy value made a PIL image, once
 
     # ---- what it is ---------------------------------------------------------------------
 
@@ -140,17 +141,23 @@ class MediaPart:
             except ValueError:
                 raise MediaError(f"{self._where()}: the data URL is not valid base64") from None
         elif isinstance(value, (str, os.PathLike)):
-            try:
-                data = Path(value).expanduser().read_bytes()
-            except FileNotFoundError:
-                raise MediaError(f"no such file: {os.fspath(value)!r} (column {self.field!r})") from None
-            except OSError as exc:
-                raise MediaError(f"cannot read {os.fspath(value)!r} (column {self.field!r}): {exc.strerror or exc}") from None
+            data = self._read()
         else:
             raise MediaError(f"{self.field!r} holds a {type(value).__name__}, not an image: give a path, URL, "
                              "bytes, a PIL image or a numpy array")
         self._data = data
         return data
+
+    def _read(self, limit: int = -1) -> bytes:
+        """The file the value names (its first ``limit`` bytes), or ``MediaError`` naming it."""
+        path = os.fspath(self.value)
+        try:
+            with open(Path(path).expanduser(), "rb") as file:
+                return file.read(limit)
+        except FileNotFoundError:
+            raise MediaError(f"no such file: {path!r} (column {self.field!r})") from None
+        except OSError as exc:
+            raise MediaError(f"cannot read {path!r} (column {self.field!r}): {exc.strerror or exc}") from None
 
     def _pixels(self) -> Any:
         """A PIL image or array value as a PIL image (None for encoded data)."""
@@ -159,9 +166,12 @@ class MediaPart:
         if pil is not None and isinstance(value, pil.Image):
             return value
         if type(value).__name__ == "ndarray" and type(value).__module__ == "numpy":
+            if self._array is not None:
+                return self._array
             image = _pillow()
             try:
-                return image.fromarray(value)
+                self._array = image.fromarray(value)
+                return self._array
             except (TypeError, ValueError) as exc:
                 raise MediaError(f"{self._where()}: cannot make an image of an array of shape {value.shape} and dtype "
                                  f"{value.dtype} ({exc}); use uint8 values, shape (h, w) or (h, w, 3|4)") from None
@@ -184,15 +194,8 @@ class MediaPart:
 
     def _probe_encoded(self) -> tuple[str, int | None, int | None]:
         value = self.value
-        head = None
         if self._data is None and isinstance(value, (str, os.PathLike)) and not str(value).startswith("data:"):
-            try:  # the header alone: the whole file is read only to hash or send it
-                with open(Path(value).expanduser(), "rb") as file:
-                    head = file.read(HEAD_BYTES)
-            except FileNotFoundError:
-                raise MediaError(f"no such file: {os.fspath(value)!r} (column {self.field!r})") from None
-            except OSError as exc:
-                raise MediaError(f"cannot read {os.fspath(value)!r} (column {self.field!r}): {exc.strerror or exc}") from None
+            head = self._read(HEAD_BYTES)  # the header alone: the whole file is read only to hash or send it
             found = probe(head)
             if found is not None:
                 return found
