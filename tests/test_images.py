@@ -300,17 +300,42 @@ def test_thumbnails_in_the_preview_and_the_comparison(tmp_path, make_server):
 # ---- the magics, in a real kernel ------------------------------------------------------------
 
 
-def test_llm_magic_with_an_image_variable(tmp_path, make_server):
+def _kernel(tmp_path):
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from harness import KernelHarness, kernel_python, wait_until
+    from harness import KernelHarness, kernel_python
+
+    env = {"NBPARROT_CACHE_DIR": str(tmp_path / "cache"), "OPENAI_API_KEY": KEY}
+    return KernelHarness(python=kernel_python(None), cwd=str(tmp_path), env=env)
+
+
+def test_the_example_notebook_passes_run_all(tmp_path):
+    """notebooks/images.ipynb, every cell queued at once as Run All does: each answer carries its own image."""
+    import time
+
+    import nbformat
+
+    notebook = nbformat.read(Path(__file__).resolve().parent.parent / "notebooks" / "images.ipynb", as_version=4)
+    cells = [c.source for c in notebook.cells if c.cell_type == "code"]
+    with _kernel(tmp_path) as kernel:
+        ids = [kernel.execute_nowait(source) for source in cells]
+        deadline = time.monotonic() + 120
+        for source, msg_id in zip(cells, ids):
+            result = kernel.wait(msg_id, timeout=max(1.0, deadline - time.monotonic()))
+            assert result.status == "ok", (source, result.error and result.error.text)
+        assert kernel.eval("[int(answers.notna().sum()), compared.status, len(result)]") == [12, "finished", 4]
+        assert kernel.eval("all(f'[image:{image_tag(Path(p).read_bytes())}]' in a "
+                           "for p, a in zip(df['photo'], answers))") is True
+
+
+def test_llm_magic_with_an_image_variable(tmp_path, make_server):
+    from harness import wait_until
 
     server = make_server()
     photo = tmp_path / "owl.png"
     photo.write_bytes(png(color=(90, 60, 30)))
-    env = {"NBPARROT_CACHE_DIR": str(tmp_path / "cache"), "OPENAI_API_KEY": KEY}
-    with KernelHarness(python=kernel_python(None), cwd=str(tmp_path), env=env) as kernel:
+    with _kernel(tmp_path) as kernel:
         kernel.execute(f"%load_ext nbparrot\n%config NbparrotMagics.base_url = {server.base_url!r}\n"
                        f"from pathlib import Path\nfrom PIL import Image\npath = Path({str(photo)!r})\n"
                        "pic = Image.open(path)\npic.load()", check=True)
