@@ -16,9 +16,10 @@ the peak RSS of the worker (``ru_maxrss``) and its growth over the RSS just befo
 
 Cases: ``as-is``: 1600 x 1200 photos (under the 2048-px limit: sent as they are, no decoding),
 cache on; ``no-cache``: the same with ``cache="off"`` (no hashing: only headers read while
-planning); ``downscaled``: 3000 x 2250 photos, decoded (JPEG draft mode), scaled to 2048 px and
-re-encoded before sending, on a tenth of the rows (the decode dominates: it is the CPU a user pays
-for sending photos larger than the endpoint uses).
+planning); ``downscaled``: 3000 x 2250 photos, decoded, scaled to 2048 px and re-encoded before
+sending, on a tenth of the rows (the decode dominates: it is the CPU a user pays for sending photos
+larger than the endpoint uses); ``downscaled-1024`` (not in the default set): the same with
+``max_image_px=1024``, where the JPEG decoder reads the photo at half size (draft mode).
 """
 
 from __future__ import annotations
@@ -104,10 +105,12 @@ def worker(spec: dict) -> dict:
     frame = pd.DataFrame({"photo": [paths[i % len(paths)] for i in range(rows)]})
     # before the clock starts: the mark each file's row must carry (a downscaled photo's bytes are new: its
     # rows must share one mark, different from every other file's)
-    expected = {p: f"[image:{image_tag(Path(p).read_bytes())}]" for p in paths} if spec["case"] != "downscaled" else None
+    scaled = spec["case"].startswith("downscaled")
+    expected = {p: f"[image:{image_tag(Path(p).read_bytes())}]" for p in paths} if not scaled else None
     rss0 = _rss()
     cpu0, t0 = _cpu(), time.perf_counter()
     run = nbparrot.map(frame, "Describe this photo in five words: {photo}", images=["photo"],
+                       max_image_px=spec.get("max_image_px"),
                        base_url=spec["base_url"], api_key=KEY, model="mock", max_tokens=16,
                        concurrency=spec["concurrency"], cache=spec["cache"], progress=False)
     answers = run.result()
@@ -157,10 +160,11 @@ def main() -> None:
                 sets[name] = (listed, Path(paths[0]).stat().st_size)
                 print(f"{name}: {count} photos {size[0]}x{size[1]}, {sets[name][1] / 1e6:.2f} MB each", file=sys.stderr)
         for case in ns.cases:
-            listed, size = sets["downscaled" if case == "downscaled" else "as-is"]
+            scaled = case.startswith("downscaled")
+            listed, size = sets["downscaled" if scaled else "as-is"]
             spec = {"case": case, "paths": str(listed), "base_url": server.base_url, "concurrency": ns.concurrency,
-                    "rows": ns.rows // 10 if case == "downscaled" else ns.rows,
-                    "cache": "off" if case == "no-cache" else "use"}
+                    "rows": ns.rows // 10 if scaled else ns.rows, "cache": "off" if case == "no-cache" else "use",
+                    "max_image_px": 1024 if case == "downscaled-1024" else None}
             env = {**os.environ, "NBPARROT_CACHE_DIR": str(Path(tmp) / f"cache-{case}"), "PYTHONPATH": str(ROOT)}
             done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
                                   text=True, timeout=DEADLINE, env=env)

@@ -309,11 +309,10 @@ class Engine(Planning, Answers):
         try:
             messages = self._messages(row, wire=False)
             if self._media:  # read, scale and base64 in a thread: a photo's decode must not stall the loop
-                encoded = await loop.run_in_executor(None, encode_messages, messages)
+                body = await loop.run_in_executor(None, encode_messages, messages, self._prefix, b"}")
             else:
-                encoded = json.dumps(messages).encode()
-            body = b"".join((self._prefix, encoded, b"}"))
-            del messages, encoded
+                body = b"".join((self._prefix, json.dumps(messages).encode(), b"}"))
+            del messages
         except MediaError as exc:  # an image that cannot be read, or is too large even scaled down: nothing sent
             self._release(row)
             self._fail(row, str(exc))
