@@ -20,6 +20,10 @@ refuses the whole batch. A value that cannot be rendered (its ``str()`` raises, 
 lone surrogate, which is not valid text and cannot be sent as UTF-8) makes ``render`` raise
 ``RenderError`` naming the column: the engine fails that row alone.
 
+Fields holding images or documents (named with ``images=``, or bytes / PIL images / arrays, see
+``_media_fields``) render as content parts: the text around them, and a ``MediaPart`` per image
+that reads nothing until the engine asks for its key, its tokens or its bytes (``nbparrot.images``).
+
 For a list of dicts the first ``CHECK_NOW`` records are checked at once (each a mapping with
 every field); later records are checked as their block is first rendered, which raises the
 same errors (before any request: the engine renders every row while planning).
