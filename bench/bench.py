@@ -170,6 +170,18 @@ def _find_prepare() -> Any:
     return None
 
 
+def _finished(start, *args, **kwargs):
+    """The run ``start`` ran to completion, also when it stopped with an error (a script's map raises it)."""
+    from nbparrot.errors import NbparrotError
+
+    try:
+        return start(*args, **kwargs)
+    except NbparrotError as err:
+        if err.run is None:
+            raise
+        return err.run
+
+
 def _arm_deadline(seconds: float) -> Any:
     """After ``seconds``, SIGINT ourselves: a script-mode nbparrot run cancels on it and keeps its rows."""
     import signal
@@ -220,8 +232,8 @@ def worker_throughput(ns: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         if profiler:
             profiler.enable()
-        run = nbparrot.map(rows, TP_TEMPLATE, system=TP_SYSTEM, base_url=ns.base_url, api_key=API_KEY,
-                           concurrency=ns.concurrency, max_tokens=MAX_TOKENS, **extra)
+        run = _finished(nbparrot.map, rows, TP_TEMPLATE, system=TP_SYSTEM, base_url=ns.base_url, api_key=API_KEY,
+                        concurrency=ns.concurrency, max_tokens=MAX_TOKENS, **extra)
         if profiler:
             profiler.disable()
         t1 = time.perf_counter()
@@ -339,8 +351,8 @@ def worker_limits(ns: argparse.Namespace) -> dict:
     timer = _arm_deadline(ns.deadline)
     cpu0, _ = _rusage()
     t0 = time.perf_counter()
-    run = nbparrot.map(rows, RL_TEMPLATE, system=RL_SYSTEM, base_url=ns.base_url, api_key=API_KEY,
-                       max_tokens=MAX_TOKENS)
+    run = _finished(nbparrot.map, rows, RL_TEMPLATE, system=RL_SYSTEM, base_url=ns.base_url, api_key=API_KEY,
+                    max_tokens=MAX_TOKENS)
     t1 = time.perf_counter()
     cpu1, rss = _rusage()
     timer.cancel()

@@ -14,6 +14,7 @@ from .errors import (
     EndpointFailingError,
     EndpointUnreachableError,
     FatalError,
+    LogprobsUnavailableError,
     RateLimitWaitError,
     ModelNotFoundError,
     NbparrotError,
@@ -25,6 +26,8 @@ from .errors import (
 )
 from .operators.decisions import classify, filter  # noqa: A004 - nbparrot.filter, as nbparrot.map
 from .operators.embeddings import embed, search, sim_join
+from .operators.table import agg, join, topk
+from .operators.scoring import compare
 from .operators.similarity import as_matrix
 from .pricing import set_price
 from .run import Run, live_runs
@@ -58,10 +61,11 @@ _register_magics_in_a_kernel()
 __version__ = "0.1.0"
 
 __all__ = [
-    "map", "filter", "classify", "embed", "search", "sim_join", "as_matrix", "Run", "live_runs", "configure", "defaults", "set_price",
+    "map", "filter", "classify", "compare", "embed", "search", "sim_join", "agg", "topk", "join", "as_matrix", "Run",
+    "live_runs", "configure", "defaults", "set_price",
     "NbparrotError", "ConfigError", "TemplateError", "FatalError", "AuthenticationError",
     "PermissionDeniedError", "ModelNotFoundError", "QuotaExceededError", "EndpointUnreachableError",
-    "EndpointFailingError", "RateLimitWaitError", "BudgetExceededError", "RunNotFinishedError", "RunCancelledError",
+    "EndpointFailingError", "RateLimitWaitError", "LogprobsUnavailableError", "BudgetExceededError", "RunNotFinishedError", "RunCancelledError",
 ]
 
 import sys as _sys

@@ -1,4 +1,4 @@
-"""Command line: ``python -m nbparrot demo`` and ``python -m nbparrot serve [flags]``."""
+"""Command line: ``python -m nbparrot demo``, ``python -m nbparrot serve [flags]``, ``--version``; no command prints the help."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="python -m nbparrot", description="nbparrot command line")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"nbparrot {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="{demo,serve}")
     demo = commands.add_parser("demo", help="run a demo batch on the bundled local server (nothing is spent)")
     demo.add_argument("--rows", type=int, default=200, help="rows of sample data (default 200)")
     from .server import add_arguments
@@ -16,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="start the bundled OpenAI-compatible server (loopback only)")
     add_arguments(serve)
     args = parser.parse_args(argv)
+    if args.command is None:  # nothing asked: say what there is
+        parser.print_help()
+        return 0
     if args.command == "demo":
         from .demo import main as demo_main
 

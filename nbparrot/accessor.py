@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from . import api
-from .operators import decisions, embeddings
+from .operators import decisions, embeddings, table
 from .run import Run
 
 __all__ = ["LLMAccessor", "register"]
@@ -49,6 +49,18 @@ class LLMAccessor:
     def sim_join(self, right: Any, **options: Any) -> Run:
         """For each row, its most similar rows of ``right``; see ``nbparrot.sim_join``."""
         return embeddings.sim_join(self._frame, right, **options)
+
+    def agg(self, template: str, **options: Any) -> Run:
+        """One answer per group of rows (all rows with ``by=None``); see ``nbparrot.agg``."""
+        return table.agg(self._frame, template, **options)
+
+    def topk(self, criterion: str, k: int, **options: Any) -> Run:
+        """The ``k`` rows that best meet ``criterion``, best first, with ``rank``; see ``nbparrot.topk``."""
+        return table.topk(self._frame, criterion, k, **options)
+
+    def join(self, right: Any, predicate: str, **options: Any) -> Run:
+        """The (row, ``right`` row) pairs for which ``predicate`` holds; see ``nbparrot.join``."""
+        return table.join(self._frame, right, predicate, **options)
 
 
 def copy_signature(method: Any, func: Any) -> None:
@@ -93,6 +105,9 @@ copy_signature(LLMAccessor.classify, decisions.classify)
 copy_signature(LLMAccessor.embed, embeddings.embed)
 copy_signature(LLMAccessor.search, embeddings.search)
 copy_signature(LLMAccessor.sim_join, embeddings.sim_join)
+copy_signature(LLMAccessor.agg, table.agg)
+copy_signature(LLMAccessor.topk, table.topk)
+copy_signature(LLMAccessor.join, table.join)
 
 
 def register() -> list[str]:

@@ -169,7 +169,8 @@ def map(  # noqa: A001 - the name users expect, as in pandas' Series.map
 
     ``data`` is a DataFrame or a list of dicts; ``{field}`` names in the template come from
     its columns or keys. Returns a ``Run``: in a notebook it is already going (``await`` it);
-    in a script it has finished. In a notebook the call returns within a few tens of
+    in a script it has finished, and a run stopped by a fatal error (bad key, endpoint down,
+    ``max_cost``) raises that error here, with the run as ``err.run``. In a notebook the call returns within a few tens of
     milliseconds at any size, after the cheap checks (fields against columns, arguments): the
     planning (each row rendered, cache lookups, the cost estimate) goes on on the loop while the
     panel says "preparing", and ``run.estimate`` is None until then. Nothing is sent before it

@@ -32,6 +32,7 @@ from typing import Any
 import aiohttp
 
 from .engine import FAILED, OK, Engine
+from .engine.words import cause, status_cause
 from .errors import FatalError, describe_error, error_fields, fatal_error
 from .images.parts import MediaError
 from .transport import TRANSIENT_ERRORS
@@ -210,8 +211,8 @@ class BatchEngine(Engine):
                 self._fail(row, f"no result for this row: batch {batch['id']} ended {batch.get('status')}"
                                 + (f" ({reason})" if reason else ""))
 
-    def _retry(self, row: int, reason: str) -> None:
-        """A batch line cannot be sent again in place (an empty answer, say): it fails its row."""
+    def _retry(self, row: int, reason: str, why: str = "") -> None:
+        """A batch line cannot be sent again in place (an empty answer, say): it fails its row (``why`` is moot)."""
         self._fail(row, reason)
 
     def _line(self, line: dict, expected: set[int]) -> None:
@@ -255,7 +256,8 @@ class BatchEngine(Engine):
             except (*TRANSIENT_ERRORS, _Transient) as exc:
                 if attempt == GET_ATTEMPTS - 1:
                     raise FatalError(f"{self.endpoint.display_url}{path} keeps failing: {exc}") from None
-                self.progress.last_error = f"{path}: {exc} (retrying)"
+                self.progress.count_retry(exc.cause if isinstance(exc, _Transient) else cause(exc),
+                                          self.endpoint.redact(f"{path}: {exc}"))
                 await asyncio.sleep(random.uniform(0.5, 1.0) * min(60.0, 2.0 ** attempt))
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -270,13 +272,17 @@ class BatchEngine(Engine):
                 if fatal is not None:
                     raise fatal
                 if response.status >= 500 or response.status == 429:
-                    raise _Transient(f"{where}: {message}")
+                    raise _Transient(f"{where}: {message}", status_cause(response.status))
                 raise FatalError(f"{where}: {message}", status=response.status)
             return body.decode() if raw else json.loads(body)
 
 
 class _Transient(Exception):
     """A 5xx or 429 from the Files / Batches API: worth another try for a GET."""
+
+    def __init__(self, message: str, cause: str):
+        super().__init__(message)
+        self.cause = cause
 
 
 def _split(lines: list[tuple[int, bytes | int]], max_lines: int, max_bytes: int) -> list[list[tuple[int, bytes | int]]]:

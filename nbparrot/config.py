@@ -39,6 +39,8 @@ class Defaults:
     max_wait: float = 60.0  # seconds: a 429 asking to wait longer stops the run with an error naming the wait
     max_response_bytes: int = 10 * 1024 * 1024  # a larger answer fails its row and is not read further
     first_byte_timeout: float = 10.0  # no answer yet by then: a status check finds out if the endpoint is there
+    background: bool | str = "auto"  # in a kernel: runs go on after their cell (True), finish in it (False),
+    # or "auto": in the background unless the notebook is executed headlessly (nbconvert, papermill)
 
 
 defaults = Defaults()
@@ -171,6 +173,7 @@ def resolve_endpoint(base_url: str | None = None, api_key: str | None = None, ap
     if azure:
         key = key if api_key is not None else (os.environ.get("AZURE_OPENAI_API_KEY") or key)
     if not key and credentials is None and (host == "api.openai.com" or azure):
-        raise ConfigError("no API key: set the OPENAI_API_KEY environment variable or pass api_key=")
+        variable = "AZURE_OPENAI_API_KEY (or OPENAI_API_KEY)" if azure else "OPENAI_API_KEY"
+        raise ConfigError(f"no API key: set the {variable} environment variable or pass api_key=")
     version = api_version or os.environ.get("OPENAI_API_VERSION") or ("2024-10-21" if azure else None)
     return Endpoint(url, key or None, azure, version)

@@ -50,8 +50,6 @@ import inspect
 import os
 import sys
 import threading
-import types
-import typing
 import uuid
 from pathlib import Path
 from urllib.parse import quote
@@ -68,6 +66,7 @@ from .operators import decisions, embeddings
 from .cache import default_cache_dir
 from .config import defaults, resolve_endpoint
 from .errors import ConfigError, NbparrotError
+from .headless import off_loop
 from .ratelimit import Bucket, Pacer
 
 __all__ = ["DaskLLMAccessor", "register", "cluster_slots"]
@@ -80,6 +79,8 @@ _REFUSED = {
     "confirm_over": "confirm_over asks in the notebook's panel before sending, and dask partitions run "
                     "on workers without one: cap the spend with max_cost= (split evenly over the "
                     "partitions), or try the template on ddf.head(20).llm.map(...) first",
+    "cascade": "a cascade learns where the cheap model is unsure from a sample of the whole frame, which "
+               "partitions on separate workers cannot share: run it on a pandas frame (e.g. ddf.compute())",
 }
 _META_DTYPES = {"prompt_tokens": "int64", "completion_tokens": "int64", "attempts": "int64",
                 "cost": "float64", "latency": "float64", "cached": "bool"}
@@ -232,36 +233,21 @@ def _plan(frame: dd.DataFrame, func: Any, args: tuple, options: dict[str, Any]) 
 # ---- dtypes: every partition looks like the lazy frame says ----------------------------
 
 
-def _text_dtype() -> Any:
-    """What pandas makes of a list of strings with gaps: object (pandas 2) or str (pandas 3)."""
-    return pd.Series(["x", None]).dtype
-
-
-def _field_dtype(annotation: Any, text: Any) -> Any:
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        kept = [a for a in args if a is not type(None)]
-        if len(kept) == 1:
-            annotation = kept[0]
-    return {str: text, int: "Int64", float: "float64", bool: "boolean"}.get(annotation, object)
-
-
 def _dtypes(empty: Any, input_columns: pd.Index, options: dict[str, Any]) -> Any:
     """The dtypes of the result, from an empty run's result and what each column holds."""
-    text = _text_dtype()
+    from .structured import Schema, text_dtype
+
+    text = text_dtype()
     name = options.get("name") or "answer"
     schema = options.get("schema")
     plain_text = schema is None and (int(options.get("n") or 1) == 1 or bool(options.get("explode")))
+    fields: dict[str, Any] = Schema(schema).dtypes() if schema is not None else {}
     if isinstance(empty, pd.Series):
         if empty.dtype == "boolean" or isinstance(empty.dtype, pd.CategoricalDtype):
             return empty.dtype  # a decision: filter's mask, classify's labels
+        if empty.name in fields:  # a one-field schema: that field's values
+            return fields[empty.name]
         return text if plain_text else object
-    fields: dict[str, Any] = {}
-    if schema is not None:
-        from .structured import Schema
-
-        for field, info in Schema(schema).model.model_fields.items():
-            fields[field] = _field_dtype(info.annotation, text)
     dtypes: dict[str, Any] = {}
     for column in empty.columns:
         if column in input_columns and column not in fields and column != name:
@@ -392,20 +378,7 @@ def _without_loop(work: Any) -> Any:
         asyncio.get_running_loop()
     except RuntimeError:
         return work()
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = work()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=target, name="nbparrot-dask", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
+    return off_loop(work)
 
 
 def _partition(partition: pd.DataFrame, plan: _Plan) -> Any:

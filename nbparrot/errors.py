@@ -23,6 +23,7 @@ __all__ = [
     "EndpointUnreachableError",
     "EndpointFailingError",
     "RateLimitWaitError",
+    "LogprobsUnavailableError",
     "BudgetExceededError",
     "RunNotFinishedError",
     "RunCancelledError",
@@ -35,7 +36,15 @@ __all__ = [
 
 
 class NbparrotError(Exception):
-    """Base class of every error nbparrot raises."""
+    """Base class of every error nbparrot raises.
+
+    An error that stopped a run carries it as ``run`` (``err.run.partial()``, ``err.run.errors``)."""
+
+    run = None  # the Run this error stopped, when it stopped one
+
+    def __reduce__(self):  # pickled (e.g. from a dask worker) without its run, which holds a loop and a session
+        state = {k: v for k, v in self.__dict__.items() if k != "run"}
+        return self.__class__, self.args, state or None
 
 
 class ConfigError(NbparrotError, ValueError):
@@ -88,6 +97,10 @@ class EndpointFailingError(FatalError):
 
 class RateLimitWaitError(FatalError):
     """A 429 asked to wait longer than ``max_wait`` (say a daily limit): stopping beats a silent day-long pause."""
+
+
+class LogprobsUnavailableError(FatalError):
+    """The endpoint answered without the logprobs a cascade reads its confidence from."""
 
 
 class BudgetExceededError(NbparrotError):
@@ -173,4 +186,5 @@ def fatal_error(status: int, message: str, code: str | None, kind: str | None, w
 
 def describe_error(status: int | None, message: str, code: object = None) -> str:
     """One line for a row's error: status, the provider's code (any type) and message."""
-    return " ".join(part for part in (str(status) if status else "", f"{code}:" if code else "", message) if part)
+    code = f"{code}:" if code and str(code) != str(status) else ""  # some servers repeat the status as the code
+    return " ".join(part for part in (str(status) if status else "", code, message) if part)

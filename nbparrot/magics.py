@@ -6,8 +6,11 @@
 - ``%%llm --over DF [--sample K] -o NAME``: the cell is a row template run over a DataFrame
   as a ``Run`` (panel, Cancel, preview); ``NAME`` is bound to the Run at once.
 - Several prompt variants separated by a line ``---`` run over the same rows and are shown
-  side by side, with tokens, cost and latency per variant.
+  side by side, with tokens, cost and latency per variant; ``--expect COLUMN`` scores each
+  against that column (accuracy, cost, latency; see ``nbparrot.operators.scoring``).
 - ``%llm status | cancel [ID|all] | cost | models | cache info|clear`` manage the session.
+- In a notebook executed headlessly (nbconvert, papermill) the stream and the comparison finish
+  within their cell, so the saved notebook holds them (see ``nbparrot.headless``).
 Defaults (model, base_url, concurrency, system, max_tokens) via ``%config NbparrotMagics.model = ...``.
 """
 
@@ -25,22 +28,26 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from IPython.display import HTML, Markdown, display
+from IPython.display import HTML, display
 from traitlets import Int, Unicode, observe
 
 from . import api
-from .operators import decisions
+from .operators import decisions, scoring
 from .cache import CachedAnswer, request_key
 from .config import configure, defaults, resolve_endpoint
 from .errors import NbparrotError
 from .images.parts import MediaError, expand, is_media, media_options
 from .images.thumbs import row_thumbnails
 from .prepare import prepare
+from . import look
+from .panel import _in_kernel
+from .headless import in_background, run_coroutine
 from .pricing import cost_of, format_usd
 from .run import Run, live_runs, record_usage, session_usage
 from .stream import stream_chat
 from .structured import Schema
 from .templates import Template
+from .tokens import estimate_text_tokens
 
 __all__ = ["NbparrotMagics", "load_ipython_extension"]
 
@@ -83,6 +90,7 @@ class NbparrotMagics(Magics):
     @argument("--images", metavar="NAMES", help="comma-separated variables (or columns) holding image paths/URLs; "
               "PIL images, arrays and bytes are found without it")
     @argument("--detail", choices=("auto", "low", "high"), help="image detail")
+    @argument("--expect", metavar="COLUMN", help="with --over: score each variant against this column (accuracy, cost, latency)")
     @argument("command", nargs="*", help="line form: status | cancel [ID|all] | cost | models | cache info|clear")
     @no_var_expand  # {name} fields are ours to fill, from the cell body only
     @line_cell_magic
@@ -144,10 +152,14 @@ class NbparrotMagics(Magics):
             raise UsageError("%%llm: --filter and --classify need --over DF")
         if args.filter and args.classify:
             raise UsageError("%%llm: use --filter or --classify, not both")
+        if args.expect is not None and args.over is None:
+            raise UsageError("%%llm: --expect needs --over DF (the rows and their expected values)")
         if args.over is not None:
             frame = self._frame(args, ns)
             template = variants if len(variants) > 1 else variants[0]
             options = self._options(args, schema)
+            if args.expect is not None:
+                return self._scored(args, frame, variants, options)
             if args.filter or args.classify:
                 if schema is not None or args.json or args.n != 1:
                     raise UsageError("%%llm: --filter / --classify decide the answer's shape: no --json, --schema or -n")
@@ -183,6 +195,18 @@ class NbparrotMagics(Magics):
             _show_comparison_when_done(run, rendered)
             return None
         return self._single(args, rendered[0], schema)
+
+    def _scored(self, args: argparse.Namespace, frame: Any, variants: list[str], options: dict[str, Any]) -> None:
+        """``--expect COLUMN``: every variant scored against the column; the scores shown when done."""
+        schema, n = options.pop("schema"), options.pop("n")
+        if schema is not None or args.json or n != 1 or args.batch:
+            raise UsageError("%%llm: --expect compares answers as they come: no --json, --schema, -n or --batch")
+        task = "filter" if args.filter else "classify" if args.classify else "map"
+        labels = [w.strip() for w in args.classify.split(",") if w.strip()] if args.classify else None
+        run = scoring.compare(frame, variants, expect=args.expect, task=task, labels=labels, **options)
+        if args.output:
+            self.shell.user_ns[args.output] = run
+        _show_comparison_when_done(run, variants, render=lambda run, _variants: scoring.scores_html(run))
 
     def _options(self, args: argparse.Namespace, schema: Any) -> dict[str, Any]:
         options: dict[str, Any] = {"model": args.model, "system": args.system, "temperature": args.temperature,
@@ -262,11 +286,18 @@ class NbparrotMagics(Magics):
             except NbparrotError as exc:
                 view.fail(str(exc))
                 return
+            except asyncio.CancelledError:
+                if not view.stopping:
+                    raise
+                view.stopped()
+                if not (parsed_schema is not None or args.json):  # a cut JSON answer would not parse
+                    self._bind(args, view.texts, None)
+                return
             record_usage(model, requests=1, prompt_tokens=result.prompt_tokens,
                          completion_tokens=result.completion_tokens)
             cost = cost_of(model, result.prompt_tokens, result.completion_tokens)
             note = (f"{result.prompt_tokens + result.completion_tokens:,} tokens · "
-                    f"{format_usd(cost, 5)} · {time.monotonic() - started:.1f}s")
+                    f"{format_usd(cost)} · {time.monotonic() - started:.1f}s")
             view.update(result.texts, final=True, note=note)
             if self._bind(args, result.texts, parsed_schema, view) and cache is not None:
                 content = result.texts if args.n > 1 else result.texts[0]
@@ -278,9 +309,13 @@ class NbparrotMagics(Magics):
         except RuntimeError:  # the IPython terminal: no loop runs the cell, so wait here
             asyncio.run(go())
             return
+        if not in_background():  # a notebook executed headlessly: the answer lands in this cell
+            run_coroutine(go)
+            return
         task = loop.create_task(go())
         _tasks.add(task)
         task.add_done_callback(_tasks.discard)
+        view.controls(task)
 
     def _bind(self, args: argparse.Namespace, texts: list[str], schema: Schema | None,
               view: "_StreamView | None" = None) -> bool:
@@ -299,28 +334,100 @@ class NbparrotMagics(Magics):
 
 
 class _StreamView:
-    """The streamed answer in the cell's output, redrawn at most every ``_REFRESH`` seconds."""
+    """The streamed answer in the cell's output, redrawn at most every ``_REFRESH`` seconds; below it,
+    while it streams in a kernel with ipywidgets, a Stop button and a "still going" line."""
 
     def __init__(self, n: int):
         self._n = n
-        self._handle = display(Markdown("*waiting for the answer…*"), display_id=True)
+        self.texts = [""] * n
+        self.stopping = False  # Stop was clicked: the task's cancellation is ours
+        self._handle = display(_markdown("*waiting for the answer…*"), raw=True, display_id=True)
         self._last = 0.0
+        self._started = time.monotonic()
+        self._cue: Any = None
+        self._controls: Any = None
+        self._box: Any = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def controls(self, task: asyncio.Task) -> None:
+        """Show Stop and the cue under the answer; Stop cancels ``task`` and keeps what arrived."""
+        if not _in_kernel():
+            return
+        try:
+            import ipywidgets as w
+        except ImportError:
+            return
+        loop = task.get_loop()
+        self._cue = w.HTML(self._cue_html())
+        stop = w.Button(description="Stop", icon="stop", tooltip="Stop the answer here; the text so far is kept",
+                        layout=w.Layout(width="auto"))
+
+        def stop_now() -> None:
+            if not task.done():
+                self.stopping = True
+                task.cancel()
+
+        # the click may be handled on a kernel subshell thread: hand the cancel to the loop
+        stop.on_click(lambda _button: loop.call_soon_threadsafe(stop_now))
+        self._box = w.HBox([stop, self._cue])
+        self._box.add_class("nbparrot-stream")
+        self._controls = display(self._box, display_id=True)
+        self._tick(loop)
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Refresh the cue once a second, so a pause before the first token still shows life."""
+        self._cue.value = self._cue_html()
+        self._timer = loop.call_later(1.0, self._tick, loop)
+
+    def _cue_html(self) -> str:
+        seconds = time.monotonic() - self._started
+        tokens = sum(estimate_text_tokens(t) for t in self.texts)
+        what = f"streaming… {seconds:.0f} s, ~{tokens:,} tokens" if tokens else f"waiting for the first token… {seconds:.0f} s"
+        return f"<span class='nbparrot-cue' style='color:{look.MUTED}'>{what}</span>"
+
+    def _end(self) -> None:
+        """Take the controls away: the stream is over."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._controls is not None:
+            self._controls.update(HTML(""))
+            self._controls = None
+            for widget in (*self._box.children, self._box):
+                widget.close()  # their comms too: nothing is left to click
 
     def update(self, texts: list[str], final: bool = False, note: str = "") -> None:
+        self.texts = list(texts)
         now = time.monotonic()
         if not final and now - self._last < _REFRESH:
             return
         self._last = now
+        if final:
+            self._end()
+        elif self._cue is not None:
+            self._cue.value = self._cue_html()
         if self._n == 1:
             text = texts[0]
         else:
             text = "\n\n".join(f"**Answer {k + 1}**\n\n{t}" for k, t in enumerate(texts))
         if note:
             text += f"\n\n<small>{html.escape(note)}</small>"
-        self._handle.update(Markdown(text or "*(empty answer)*"))
+        self._handle.update(_markdown(text or "*(empty answer)*"), raw=True)
+
+    def stopped(self) -> None:
+        """Stop was clicked: keep the text so far, and say it was cut short."""
+        tokens = sum(estimate_text_tokens(t) for t in self.texts)
+        self.update(self.texts, final=True, note=f"stopped after {time.monotonic() - self._started:.0f} s, "
+                                                 f"~{tokens:,} tokens in (not cached)")
 
     def fail(self, message: str) -> None:
-        self._handle.update(Markdown(f"**nbparrot error:** {message}"))
+        self._end()
+        self._handle.update(_markdown(f"**nbparrot error:** {message}"), raw=True)
+
+
+def _markdown(text: str) -> dict[str, str]:
+    """Markdown with itself as the plain-text fallback (a saved notebook read as text keeps the answer)."""
+    return {"text/markdown": text, "text/plain": text}
 
 
 def _media_names(args: argparse.Namespace, variants: list[str], ns: dict) -> list[str]:
@@ -347,13 +454,22 @@ def _render(text: str, ns: dict) -> str:
     return template.render(ns)
 
 
-def _show_comparison_when_done(run: Run, variants: list[str]) -> None:
-    """Once the run ends, show one column per variant and tokens / cost / latency per variant."""
+def _show_comparison_when_done(run: Run, variants: list[str], render: Any = None) -> None:
+    """Once the run ends, show one column per variant and tokens / cost / latency per variant
+    (or what ``render(run, variants)`` makes of it: the scores of ``--expect``); at once if it
+    has ended already (a notebook executed headlessly finishes it within the cell)."""
+    render = render or comparison_html
+    hide = getattr(run.view, "hide_preview", None)
+    if hide is not None:
+        hide()  # the comparison below shows the answers: the panel keeps to its summary
+    if run.done():
+        display(HTML(render(run, variants)))
+        return
     handle = display(HTML("<i>comparing variants…</i>"), display_id=True)
 
     async def show() -> None:
         await asyncio.wait({run._task})
-        handle.update(HTML(comparison_html(run, variants)))
+        handle.update(HTML(render(run, variants)))
 
     task = run._loop.create_task(show())
     _tasks.add(task)
@@ -361,31 +477,46 @@ def _show_comparison_when_done(run: Run, variants: list[str]) -> None:
 
 
 def comparison_html(run: Run, variants: list[str]) -> str:
-    """Side-by-side answers (a column per variant) and a per-variant line of tokens, cost, latency."""
+    """Side-by-side answers (a column per variant) under each variant's prompt and usage line."""
     k = len(variants)
     rows = len(run.outcomes) // k
-    answer = lambda o: _shown(o) if o.status == "ok" else f"[{o.status}] {o.error or ''}"  # noqa: E731
-    head = "".join(f"<th style='text-align:left'>variant {v + 1}</th>" for v in range(k))
-    body = []
     labels = list(run.prepared.index) if run.prepared.frame is not None else [""] * rows
-    for r in range(rows):
-        cells = "".join(f"<td style='text-align:left;vertical-align:top'>{html.escape(str(answer(run.outcomes[r * k + v])))}</td>"
-                        for v in range(k))
-        body.append(f"<tr><th>{row_thumbnails(run.prepared, r * k)}{html.escape(str(labels[r]))}</th>{cells}</tr>")
-    stats = []
+    usage, prompts = ["usage"], ["prompt"]
     for v in range(k):
         outs = [run.outcomes[r * k + v] for r in range(rows)]
-        tokens = sum(o.prompt_tokens + o.completion_tokens for o in outs)
-        costs = [cost_of(run.model, o.prompt_tokens, o.completion_tokens, batch=run.engine.batch)
-                 for o in outs if not o.cached]
-        cost = None if any(c is None for c in costs) else sum(costs)
-        latencies = [o.latency for o in outs if o.latency is not None]
-        latency = f"{sum(latencies) / len(latencies):.2f}s" if latencies else "–"
-        stats.append(f"<td style='text-align:left'>{tokens:,} tokens · {format_usd(cost, 5)}"
-                     f" · mean latency {latency}</td>")
-    prompts = "".join(f"<td style='text-align:left'><code>{html.escape(v[:200])}</code></td>" for v in variants)
-    return (f"<table class='nbparrot-compare'><tr><th></th>{head}</tr><tr><th>prompt</th>{prompts}</tr>"
-            f"<tr><th>usage</th>{''.join(stats)}</tr>{''.join(body)}</table>")
+        usage.append(html.escape(_usage(run, outs)))
+        prompts.append(f"<code>{html.escape(variants[v][:200])}</code>")
+    body = [prompts, usage]
+    for r in range(rows):
+        body.append([row_thumbnails(run.prepared, r * k) + html.escape(str(labels[r])),
+                     *(_answer_cell(run.outcomes[r * k + v]) for v in range(k))])
+    return look.table("nbparrot-compare", ["", *(f"variant {v + 1}" for v in range(k))], body, escape=False)
+
+
+def _usage(run: Run, outs: list[Any]) -> str:
+    """``12 tokens · $0.000123 · mean latency 0.42s``; cached answers said as such, at no cost."""
+    cached = sum(1 for o in outs if o.cached)
+    sent = [o for o in outs if not o.cached]
+    tokens = sum(o.prompt_tokens + o.completion_tokens for o in outs)
+    parts = ["cached" if cached == len(outs) else f"{cached} of {len(outs)} cached"] if cached else []
+    parts.append(f"{tokens:,} tokens")
+    if sent:
+        costs = [cost_of(run.model, o.prompt_tokens, o.completion_tokens, batch=run.engine.batch) for o in sent]
+        parts.append(format_usd(None if any(c is None for c in costs) else sum(costs)))
+        latencies = [o.latency for o in sent if o.latency is not None]
+        if latencies:
+            parts.append(f"mean latency {sum(latencies) / len(latencies):.2f}s")
+    else:
+        parts.append("no cost")
+    return " · ".join(parts)
+
+
+def _answer_cell(outcome: Any) -> str:
+    """One answer in the comparison: failures in the error colour, cached ones marked."""
+    if outcome.status != "ok":
+        return look.error(html.escape(f"[{outcome.status}] {outcome.error or ''}"))
+    text = html.escape(str(_shown(outcome)))
+    return text + (" " + look.muted("· cached", "nbparrot-cached") if outcome.cached else "")
 
 
 def _shown(outcome: Any) -> str:

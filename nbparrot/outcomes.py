@@ -317,6 +317,13 @@ class Outcome:
     prompt_tokens = _number("prompt_tokens", fallback=True)
     completion_tokens = _number("completion_tokens", fallback=True)
 
+    def copy_from(self, other: "Outcome") -> None:
+        """Take every field of ``other`` (e.g. a stage's outcome, into the staged run's own)."""
+        self.status, self.attempts, self.latency, self.cached = other.status, other.attempts, other.latency, other.cached
+        self.prompt_tokens, self.completion_tokens = other.prompt_tokens, other.completion_tokens
+        self.content, self.parsed, self.extra, self.error = other.content, other.parsed, other.extra, other.error
+        self.finish_reason = other.finish_reason
+
     def __repr__(self) -> str:
         detail = repr(self.content)[:60] if self.status == OK else self.error
         return f"<Outcome {self.status} attempts={self.attempts} {detail}>"

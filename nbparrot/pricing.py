@@ -91,9 +91,20 @@ class Estimate(NamedTuple):
                 f"at most {format_usd(self.max_cost)}")
 
 
-def format_usd(cost: float | None, digits: int = 4) -> str:
-    """``$0.0123``, or "cost unknown" when the price is not known."""
-    return "cost unknown" if cost is None else f"${cost:,.{digits}f}"
+def format_usd(cost: float | None) -> str:
+    """Dollars by one rule everywhere: cents from $1 up ($12.35), three significant digits below
+    ($0.0123, $0.000456; at most 6 decimals, so ``<$0.000001`` for less), or "cost unknown"."""
+    if cost is None:
+        return "cost unknown"
+    if cost >= 1 or cost == 0:
+        return f"${cost:,.2f}"
+    if cost < 0.000_000_5:
+        return "<$0.000001"
+    text = f"{cost:.3g}"
+    if "e" in text:  # 3 significant digits below 1e-4 come out in exponent form
+        text = f"{float(text):.6f}"
+    decimals = text.split(".")[1].rstrip("0") if "." in text else ""
+    return f"${float(text):.{max(2, min(6, len(decimals)))}f}"
 
 
 def estimate(model: str, requests: int, prompt_tokens: int, max_completion_tokens: int, *,

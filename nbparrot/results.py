@@ -1,7 +1,8 @@
 """Results in the input's own shape: a Series, a DataFrame of fields, tidy long rows, or dicts.
 
 - A DataFrame in, plain answers out: a Series on the DataFrame's index, named.
-- ``schema`` fields become columns; ``meta=True`` adds provenance columns (rendered prompt,
+- ``schema`` fields become columns, in nullable dtypes (``boolean``, ``Int64``, text); a one-field
+  schema gives that field's values as a Series named after it; ``meta=True`` adds provenance columns (rendered prompt,
   template, model, params, finish_reason, tokens, cost, latency, attempts, cached, error).
 - ``n > 1`` gives a list per row; ``dedupe`` drops repeated answers keeping first-seen order;
   ``explode`` gives one row per choice (a ``choice`` column) and, for list schemas, one row
@@ -55,7 +56,13 @@ def _dedupe(values: list) -> tuple[list, list[int]]:
 def _answer_of(run: "Run", outcome: Any) -> Any:
     if outcome.status != OK:
         return None
-    return outcome.parsed if run.engine.schema is not None else outcome.content
+    schema = run.engine.schema
+    if schema is None:
+        return outcome.content
+    parsed = outcome.parsed
+    if len(schema.fields) == 1 and isinstance(parsed, dict):  # a one-field schema: that field's value
+        return parsed.get(schema.fields[0])
+    return parsed
 
 
 def _answers(run: "Run") -> list:
@@ -129,8 +136,13 @@ def shape(run: "Run", layout: Shape) -> Any:
     import pandas as pd
 
     index = prepared.index.take(out_rows)
-    if not multiplies and not layout.meta and list(columns) == [layout.name]:
-        return pd.Series(values, index=index, name=layout.name)
+    if one_object_each:  # fields in nullable dtypes: a row without an answer is NA, the dtype stays
+        for f, dtype in schema.dtypes().items():
+            columns[f] = _typed(columns[f], dtype)
+    if not multiplies and not layout.meta and len(columns) == 1:
+        # plain answers, or a one-field schema's values (named after the field), as one Series
+        (column, column_values), = columns.items()
+        return pd.Series(column_values, index=index, name=column)
     frame = pd.DataFrame(columns, index=index)
     if multiplies:
         inputs = prepared.frame.take(out_rows)
@@ -139,12 +151,24 @@ def shape(run: "Run", layout: Shape) -> Any:
     return frame
 
 
+def _typed(values: list, dtype: Any) -> Any:
+    """``values`` as a pandas array of ``dtype``; the plain list when that does not fit (or for ``object``)."""
+    if dtype is object:
+        return values
+    import pandas as pd
+
+    try:
+        return pd.array(values, dtype=dtype)
+    except (TypeError, ValueError, OverflowError):
+        return values
+
+
 def _meta_columns(run: "Run", requests: list[int]) -> dict[str, list]:
-    prepared, outcomes, model = run.prepared, run.outcomes, run.model
+    prepared, outcomes = run.prepared, run.outcomes
     params = json.dumps({k: v for k, v in run.engine.params.items() if k != "response_format"}, sort_keys=True)
     meta: dict[str, list] = {c: [] for c in META_COLUMNS}
     for k in requests:
-        o = outcomes[k]
+        o, model = outcomes[k], run.model_of(k)
         meta["prompt"].append(prepared.user_text(k))
         meta["template"].append(prepared.template_of(k))
         meta["model"].append(model)

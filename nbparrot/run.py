@@ -2,9 +2,12 @@
 
 Inside a running event loop (a Jupyter kernel runs every cell inside one) the batch starts
 as a task on that very loop and the call returns at once: the panel shows progress, a later
-cell can ``await run``, and the Cancel button stops it. Outside a loop (a script, plain
+cell can ``await run``, and the Cancel button stops it. A notebook executed headlessly
+(nbconvert, papermill) is the exception: there the run finishes within the cell that starts it,
+so the saved notebook holds its final state (see ``nbparrot.headless``). Outside a loop (a script, plain
 ``python``, the IPython terminal) the same call runs to completion with a text progress
-line, and Ctrl-C cancels it while keeping the finished rows. ``asyncio.run`` is never
+line, and Ctrl-C cancels it while keeping the finished rows; a run stopped by a fatal error
+raises it from the call that started it, as ``await run`` would, with the run as ``err.run``. ``asyncio.run`` is never
 called inside a running loop and ``nest_asyncio`` is never used: on ipykernel 7 it loses
 shell messages (Cancel clicks vanish, queued cells hang).
 """
@@ -21,6 +24,7 @@ from typing import Any, Callable
 from .prepare import Prepared
 from .engine import CANCELLED, FAILED, SKIPPED, Engine
 from .errors import ConfigError, NbparrotError, RunCancelledError, RunNotFinishedError
+from .headless import in_background, off_loop
 from .pricing import cost_of, format_usd
 
 __all__ = ["Run", "live_runs", "record_usage", "session_usage"]
@@ -93,25 +97,31 @@ class Run:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        self.view = view_factory(self, loop is not None)
+        background = loop is not None and in_background()
+        self.view = view_factory(self, background)
+        can_ask = background and hasattr(self.view, "ask")
         if ask_over is not None:
-            if loop is None or not hasattr(self.view, "ask"):
-                self.engine.plan()
+            if not can_ask:  # plan here to decide; where a loop runs, in a helper thread (a staged plan runs a loop)
+                off_loop(self.engine.plan) if loop is not None else self.engine.plan()
             if self.engine.planned:
                 ask = ask or self._over(ask_over)
             else:
                 self._ask_over = ask_over
         if ask:
-            if loop is None or not hasattr(self.view, "ask"):
+            if not can_ask:
                 raise ConfigError(f"this run is estimated at {self.engine.estimate}, above confirm_over; "
                                   "pass confirm=True to run it anyway")
             self._confirmation = loop.create_future()
         if before is not None:
             before()
-        if loop is None:
-            self._run_here()
-        else:
+        if background:
             self._start_on(loop)
+        elif loop is None:
+            self._run_here()
+            if self.error is not None:  # a script must not go on as if it had answers: raise, as await would
+                raise self._with_run(self.error)
+        else:  # a kernel executing the notebook headlessly: finish within this cell (see nbparrot.headless)
+            off_loop(self._run_here, on_interrupt=self.cancel)
         return self
 
     def _start_on(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -124,7 +134,8 @@ class Run:
         self.view.started()
 
     def _run_here(self) -> None:
-        """Script mode: our own loop; the first Ctrl-C cancels the run (finished rows kept)."""
+        """Script mode (and a cell executed headlessly, in a helper thread): our own loop; the first
+        Ctrl-C cancels the run (finished rows kept)."""
         loop = asyncio.new_event_loop()
         self._loop, self._loop_thread = loop, threading.get_ident()
         self._task = loop.create_task(self._main())
@@ -181,11 +192,15 @@ class Run:
             self._cancel_requested = True
             self.engine.abandon("not sent: the run was cancelled before it started")
         _live.pop(self.id, None)
+        self._record_usage()
+        self._finished.set()
+        self.view.finished()
+
+    def _record_usage(self) -> None:
+        """Add this run's requests and tokens to the session's totals (once, as it ends)."""
         p = self.progress
         record_usage(self.model, requests=p.requests, prompt_tokens=p.prompt_tokens,
                      completion_tokens=p.completion_tokens, cached=p.cached, batch=self.engine.batch)
-        self._finished.set()
-        self.view.finished()
 
     # ---- state --------------------------------------------------------------------------
 
@@ -270,6 +285,10 @@ class Run:
         """USD spent so far (cached rows cost nothing), or None when the model's price is unknown."""
         return cost_of(self.model, self.progress.prompt_tokens, self.progress.completion_tokens, batch=self.engine.batch)
 
+    def model_of(self, request: int) -> str:
+        """The model that answered request ``request`` (one model per run, but for a staged run's passes)."""
+        return self.model
+
     @property
     def projected_cost(self) -> float | None:
         """The whole run's cost as it looks now: spend so far plus the rows left at the average so far."""
@@ -309,11 +328,19 @@ class Run:
                 f"run {self.id} is still going ({self.progress.settled}/{self.progress.total} rows settled): "
                 "use `result = await run` in a notebook cell, or check run.done()")
         if self.error is not None:
-            raise self.error
+            raise self._with_run(self.error)
         if self._cancel_requested and self.progress.cancelled:
             warnings.warn(f"run {self.id} was cancelled: {self.progress.done} of {self.progress.total} rows "
                           f"answered; the other {self.progress.total - self.progress.done} are NA", stacklevel=2)
         return self.partial()
+
+    def _with_run(self, error: BaseException) -> BaseException:
+        """``error`` with this run attached as ``error.run`` (its finished rows stay reachable)."""
+        try:
+            error.run = self  # type: ignore[attr-defined]
+        except AttributeError:  # an exception type that takes no attributes: raised as it is
+            pass
+        return error
 
     def partial(self) -> Any:
         """Whatever is answered so far, in the input's shape (unanswered rows NA), at any time."""
@@ -360,16 +387,23 @@ class Run:
 
     # ---- guards and display -------------------------------------------------------------
 
-    def _values(self) -> list:
+    def _finished_result(self) -> Any:
         if not self.done():
             raise RunNotFinishedError(
                 f"run {self.id} has not finished, so it has no values yet: `await` it first "
                 "(e.g. `df['answer'] = await run`), or pass into='answer' to fill a column as rows land")
-        result = self.result()
+        return self.result()
+
+    def _values(self) -> list:
+        result = self._finished_result()
         return list(result) if not hasattr(result, "tolist") else result.tolist()
 
     def __iter__(self):
         return iter(self._values())
+
+    def __getitem__(self, key: Any) -> Any:
+        """``run[k]`` is ``run.result()[k]`` (a finished run only): a Series label, a column, a record."""
+        return self._finished_result()[key]
 
     def __len__(self) -> int:
         return len(self._values())
@@ -385,16 +419,23 @@ class Run:
     def summary(self) -> str:
         """One line: status, counts, tokens, cost and time."""
         p = self.progress
-        parts = [f"run {self.id} {self.status}: {p.done}/{p.total} answered"]
-        for name, count in (("from cache", p.cached), ("failed", p.failed), ("cancelled", p.cancelled),
-                            ("skipped", p.skipped)):
-            if count:
-                parts.append(f"{count} {name}")
+        return self._summary_line(p.done, p.total, [("from cache", p.cached), ("failed", p.failed),
+                                                    ("cancelled", p.cancelled), ("skipped", p.skipped)])
+
+    def _summary_line(self, done: int, total: int, counts: list[tuple[str, int]], requests: str = "",
+                      words: str = "") -> str:
+        """The summary from its parts: answered of total, the non-zero ``counts``, ``requests`` (per model),
+        tokens, cost, time, and ``words`` after a semicolon."""
+        p = self.progress
+        parts = [f"run {self.id} {self.status}: {done}/{total} answered"]
+        parts += [f"{count} {name}" for name, count in counts if count]
+        if requests:
+            parts.append(requests)
         parts.append(f"{p.prompt_tokens + p.completion_tokens:,} tokens")
         parts.append(format_usd(self.cost))
         if p.started is not None and p.finished is not None:
             parts.append(f"{p.finished - p.started:.1f}s")
-        return ", ".join(parts)
+        return ", ".join(parts) + (f"; {words}" if words else "")
 
     def __repr__(self) -> str:
         return f"<nbparrot.Run {self.summary()}>"
@@ -404,4 +445,3 @@ class Run:
             self.view.display_again()
         else:
             print(repr(self))
-

@@ -12,6 +12,7 @@ the top.
 from __future__ import annotations
 
 import json
+import types
 import typing
 from typing import Any, Mapping
 
@@ -52,6 +53,12 @@ class Schema:
             self._adapter = None
         self.json_schema = schema
 
+    def dtypes(self) -> dict[str, Any]:
+        """The pandas dtype of each field's column: nullable ones (``boolean``, ``Int64``, the text dtype),
+        so a row without an answer is NA without changing the dtype; ``object`` for other types."""
+        text = text_dtype()
+        return {name: _field_dtype(info.annotation, text) for name, info in self.model.model_fields.items()}
+
     def response_format(self) -> dict[str, Any]:
         """The ``response_format`` body field for endpoints that support ``json_schema``."""
         return {"type": "json_schema", "json_schema": {"name": self.name[:64], "schema": self.json_schema}}
@@ -82,3 +89,19 @@ class Schema:
     def reask(self, error: str) -> str:
         """The follow-up message that asks a model to correct an invalid answer."""
         return f"That answer cannot be used: {error}. Reply again with only the corrected JSON."
+
+
+def text_dtype() -> Any:
+    """What pandas makes of a list of strings with gaps: object (pandas 2) or str (pandas 3)."""
+    import pandas as pd
+
+    return pd.Series(["x", None]).dtype
+
+
+def _field_dtype(annotation: Any, text: Any) -> Any:
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        kept = [a for a in args if a is not type(None)]
+        if len(kept) == 1:
+            annotation = kept[0]
+    return {str: text, int: "Int64", float: "float64", bool: "boolean"}.get(annotation, object)

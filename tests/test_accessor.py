@@ -107,6 +107,27 @@ def test_schema_fields_become_columns(server, opts, spec):
     assert result.loc[10, "name"].endswith(expected_tag(user("Extract the person: Ann is 31")))
 
 
+def test_a_one_field_schema_gives_that_fields_values_typed_and_named(server, opts):
+    df = pd.DataFrame({"text": ["great <<yes>>", "awful <<no>>", "broken <<not-json>>"]}, index=["a", "b", "c"])
+    run = df.llm.map("Is this positive? {text}", schema={"positive": bool}, max_reasks=0, **opts)
+    result = run.partial()  # the <<not-json>> row fails: NA, and the dtype stays boolean
+    assert result.name == "positive" and result.dtype == "boolean" and result.index.equals(df.index)
+    assert result.iloc[:2].tolist() == [True, False] and result.isna().tolist() == [False, False, True]
+    counts = df.iloc[:2].llm.map("How many words? {text}", schema={"words": int}, **opts).result()
+    assert counts.name == "words" and counts.dtype == "Int64"
+    records = nbparrot.map([{"text": "great <<yes>>"}], "{text}", schema={"positive": bool}, **opts).result()
+    assert records == [{"text": "great <<yes>>", "positive": True}]
+    filled = df.iloc[:2].copy()
+    nbparrot.map(filled, "{text}", schema={"positive": bool}, into="positive", **opts)
+    assert filled["positive"].tolist() == [True, False]  # into= gets the values, not {'positive': ...} dicts
+
+
+def test_schema_fields_are_columns_in_nullable_dtypes(server, opts):
+    df = pd.DataFrame({"text": ["Ann is 31", "bad <<not-json>>"]})
+    result = df.llm.map("Extract: {text}", schema=Person, max_reasks=0, **opts).partial()
+    assert result.dtypes["age"] == "Int64" and result["age"].isna().tolist() == [False, True]
+
+
 def test_schema_falls_back_to_json_object_where_json_schema_is_refused(make_server):
     server = make_server(json_schema=False)
     df = pd.DataFrame({"text": ["Ann is 31", "Bob is 42", "Cy is 5"]})

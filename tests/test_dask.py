@@ -122,6 +122,15 @@ def test_schema_fields_are_columns_with_the_announced_dtypes(cluster, make_serve
     assert result.notna().all().all()
 
 
+def test_a_one_field_schema_is_a_series_of_that_fields_dtype(cluster, make_server):
+    server = make_server(latency_ms=2)
+    lazy = dd.from_pandas(frame(20), npartitions=2).llm.map("Is it even? {text}", base_url=server.base_url,
+                                                           api_key=KEY, schema={"even": bool})
+    assert lazy.name == "even" and lazy.dtype == "boolean"
+    result = lazy.compute()
+    assert result.dtype == "boolean" and result.notna().all()
+
+
 def test_refused_options_and_the_key_stays_out_of_the_graph(cluster, make_server):
     ddf = dd.from_pandas(frame(8), npartitions=2)
     with pytest.raises(ConfigError, match="assign the result"):

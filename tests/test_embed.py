@@ -101,7 +101,9 @@ def test_max_cost_stops_the_run_and_a_rerun_sends_only_the_rest(make_server, mon
     df = pd.DataFrame({"text": [(words(i) + " ") * 40 for i in range(n)]})  # ~550 tokens a row
     total_tokens = sum((len(t) + 3) // 4 for t in df["text"])
     budget = total_tokens / 1e6 / 3  # a third of the whole
-    run = E.embed(df, "text", per_request=50, max_cost=budget, **opts(server))
+    with pytest.raises(BudgetExceededError) as info:  # in a script, the call raises it
+        E.embed(df, "text", per_request=50, max_cost=budget, **opts(server))
+    run = info.value.run
     assert run.status == "stopped" and isinstance(run.error, BudgetExceededError)
     with pytest.raises(BudgetExceededError):
         run.result()
@@ -154,7 +156,9 @@ def test_a_text_the_endpoint_counts_as_too_long_fails_alone_after_halving(make_s
 
 def test_a_chat_model_is_one_clear_error_after_one_request(make_server):
     server = make_server()
-    run = E.embed(pd.DataFrame({"text": [f"t {i}" for i in range(5000)]}), "text", **opts(server, model="gpt-4o-mini"))
+    with pytest.raises(FatalError, match="embedding model") as info:
+        E.embed(pd.DataFrame({"text": [f"t {i}" for i in range(5000)]}), "text", **opts(server, model="gpt-4o-mini"))
+    run = info.value.run
     assert run.status == "failed" and requests(server) == 1
     message = str(run.error)
     assert "\n" not in message and "not an embedding model" in message and "/v1/embeddings" in message
@@ -164,7 +168,9 @@ def test_a_chat_model_is_one_clear_error_after_one_request(make_server):
 
 def test_an_embedding_model_given_to_map_is_one_error_after_one_request(make_server):
     server = make_server()
-    run = nbparrot.map([{"t": f"row {i}"} for i in range(50)], "Say {t}", **opts(server))
+    with pytest.raises(FatalError) as info:
+        nbparrot.map([{"t": f"row {i}"} for i in range(50)], "Say {t}", **opts(server))
+    run = info.value.run
     assert run.status == "failed" and server.stats()["requests"] == 1
     assert "not a chat model" in str(run.error) and "\n" not in str(run.error)
 

@@ -44,7 +44,7 @@ def test_every_row_gets_its_own_answer_in_input_order(make_server):
 
 def test_fault_mix_loses_and_duplicates_nothing(make_server):
     """10 % 5xx, 1 % connection resets and 1 % stalls: every row answered correctly or failed with a reason."""
-    server = make_server(latency_ms=2, p500=0.04, p502=0.03, p503=0.03, preset=0.01, pstall=0.01,
+    server = make_server(latency_ms=2, p500=0.04, p502=0.03, p503=0.03, p_reset=0.01, pstall=0.01,
                          stall_seconds=30, seed=3)
     n = 600
     run = nbparrot.map(frame(n), "Say: {text}", base_url=server.base_url, api_key=KEY, concurrency=48,
@@ -88,13 +88,18 @@ def test_rate_limits_without_retry_after_still_finish(make_server):
 def test_wrong_key_stops_after_one_request_without_showing_the_key(make_server):
     server = make_server(api_key="sk-the-right-key-0000")
     wrong = "sk-wrong-key-abcdefghijklmnop"
-    run = nbparrot.map(frame(500), "Say: {text}", base_url=server.base_url, api_key=wrong)
+    with pytest.raises(nbparrot.AuthenticationError) as info:  # in a script, map raises the run's error
+        nbparrot.map(frame(500), "Say: {text}", base_url=server.base_url, api_key=wrong)
+    run = info.value.run
     assert run.status == "failed"
-    with pytest.raises(nbparrot.AuthenticationError) as info:
-        run.result()
     assert wrong not in str(info.value) and "401" in str(info.value)
     assert server.stats()["requests"] == 1
-    assert run.progress.cancelled == 500 and wrong not in run.errors.to_string()
+    # the row that was sent failed with the 401; the others were never sent
+    assert run.progress.failed == 1 and run.progress.cancelled == 499 and wrong not in run.errors.to_string()
+    errors = run.errors
+    assert errors["status"].iloc[0] == "failed" and errors["attempts"].iloc[0] == 1
+    assert "401" in errors["error"].iloc[0] and set(errors["status"].iloc[1:]) == {"cancelled"}
+    assert set(errors["attempts"].iloc[1:]) == {0} and errors["error"].iloc[1].startswith("not sent")
 
 
 @pytest.mark.parametrize("setup, error", [
@@ -103,10 +108,9 @@ def test_wrong_key_stops_after_one_request_without_showing_the_key(make_server):
 ])
 def test_fatal_errors_cost_one_request(make_server, setup, error):
     server = make_server(**{k: v for k, v in setup.items() if k != "model"})
-    run = nbparrot.map(frame(50), "Say: {text}", base_url=server.base_url, api_key=KEY,
-                       model=setup.get("model", "gpt-4o-mini"))
     with pytest.raises(error):
-        run.result()
+        nbparrot.map(frame(50), "Say: {text}", base_url=server.base_url, api_key=KEY,
+                     model=setup.get("model", "gpt-4o-mini"))
     assert server.stats()["requests"] == 1
 
 
@@ -116,10 +120,9 @@ def test_unreachable_endpoint_is_one_clear_error():
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    run = nbparrot.map(frame(20), "Say: {text}", base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY,
-                       max_retries=1, backoff=0.01)
     with pytest.raises(nbparrot.EndpointUnreachableError, match="could not reach"):
-        run.result()
+        nbparrot.map(frame(20), "Say: {text}", base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY,
+                     max_retries=1, backoff=0.01)
 
 
 def test_prompt_over_the_context_window_fails_only_its_row(make_server):

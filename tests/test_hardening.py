@@ -64,10 +64,10 @@ def test_null_empty_and_refused_answers_are_retried_then_fail_and_are_never_cach
 def test_answers_without_usage_are_counted_from_estimates_and_max_cost_holds(make_server, priced):
     server = make_server(latency_ms=2, usage=False, completion_tokens=8)
     budget = 0.5
-    run = nbparrot.map(frame(300), "Say: {text}", model=priced, base_url=server.base_url, api_key=KEY,
-                       concurrency=64, max_tokens=16, max_cost=budget)
-    with pytest.raises(nbparrot.BudgetExceededError):
-        run.result()
+    with pytest.raises(nbparrot.BudgetExceededError) as info:
+        nbparrot.map(frame(300), "Say: {text}", model=priced, base_url=server.base_url, api_key=KEY,
+                     concurrency=64, max_tokens=16, max_cost=budget)
+    run = info.value.run
     stats = server.stats()
     billed = cost_of(priced, stats["prompt_tokens"], stats["completion_tokens"])
     assert 0 < stats["ok"] < 300
@@ -82,10 +82,10 @@ def test_max_cost_holds_when_the_endpoint_counts_more_tokens_than_estimated(make
     server = make_server(latency_ms=5, usage_scale=scale, completion_tokens=4)
     text = "a review that is long enough for the prompt to dominate the cost of its request, row {i} " * 4
     budget = 20.0
-    run = nbparrot.map(frame(400, text), "Say: {text}", model=priced, base_url=server.base_url, api_key=KEY,
-                       concurrency=64, max_tokens=4, max_cost=budget)
-    with pytest.raises(nbparrot.BudgetExceededError):
-        run.result()
+    with pytest.raises(nbparrot.BudgetExceededError) as info:
+        nbparrot.map(frame(400, text), "Say: {text}", model=priced, base_url=server.base_url, api_key=KEY,
+                     concurrency=64, max_tokens=4, max_cost=budget)
+    run = info.value.run
     stats = server.stats()
     billed = cost_of(priced, stats["prompt_tokens"], stats["completion_tokens"])
     assert stats["ok"] > 10
@@ -95,12 +95,12 @@ def test_max_cost_holds_when_the_endpoint_counts_more_tokens_than_estimated(make
 
 def test_a_429_that_asks_to_wait_a_day_stops_the_run_and_says_so(make_server):
     server = make_server(p429=1.0, retry_after_429=86400)
-    run = nbparrot.map(frame(50), "Say: {text}", base_url=server.base_url, api_key=KEY)
     with pytest.raises(RateLimitWaitError) as info:
-        run.result()
+        nbparrot.map(frame(50), "Say: {text}", base_url=server.base_url, api_key=KEY)
+    run = info.value.run
     assert "24 h" in str(info.value) and "max_wait" in str(info.value)
     assert run.status == "failed" and server.stats()["requests"] == 1
-    assert run.counts()["cancelled"] == 50 and run.counts()["done"] == 0
+    assert run.counts()["failed"] == 1 and run.counts()["cancelled"] == 49 and run.counts()["done"] == 0
 
 
 @pytest.mark.filterwarnings("ignore:run .* was cancelled")
@@ -133,9 +133,9 @@ def test_a_silent_endpoint_is_found_out_quickly(make_server):
     try:
         nbparrot.configure(first_byte_timeout=0.5)
         url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
-        run = nbparrot.map(frame(20), "Say: {text}", base_url=url, api_key=KEY)
         with pytest.raises(EndpointUnreachableError) as info:
-            run.result()
+            nbparrot.map(frame(20), "Say: {text}", base_url=url, api_key=KEY)
+        run = info.value.run
         assert "sent nothing" in str(info.value) and KEY not in str(info.value)
         assert run.counts()["cancelled"] == 20
     finally:
@@ -144,10 +144,10 @@ def test_a_silent_endpoint_is_found_out_quickly(make_server):
 
 def test_an_always_failing_endpoint_stops_after_a_few_rows(make_server):
     server = make_server(p502=1.0)
-    run = nbparrot.map(frame(500), "Say: {text}", base_url=server.base_url, api_key=KEY, max_retries=5,
-                       backoff=0.001)
     with pytest.raises(EndpointFailingError) as info:
-        run.result()
+        nbparrot.map(frame(500), "Say: {text}", base_url=server.base_url, api_key=KEY, max_retries=5,
+                     backoff=0.001)
+    run = info.value.run
     assert "502" in str(info.value)
     assert server.stats()["requests"] == 3 * 6  # three rows, one at a time, six attempts each
     counts = run.counts()

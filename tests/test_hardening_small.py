@@ -56,10 +56,12 @@ def test_userinfo_becomes_basic_auth_and_the_password_is_shown_nowhere(server, c
 
 @pytest.mark.parametrize("server", [{"api_key": "sk-the-only-key-it-takes-0123"}], indirect=True)
 def test_refused_basic_auth_stops_the_run_without_showing_the_password(server, capsys):
-    run = nbparrot.map(ROWS, "Say: {q}", base_url=with_userinfo(server.base_url), cache="off")
+    with pytest.raises(nbparrot.AuthenticationError) as caught:
+        nbparrot.map(ROWS, "Say: {q}", base_url=with_userinfo(server.base_url), cache="off")
+    run = caught.value.run
     assert run.status == "failed"
     assert isinstance(run.error, nbparrot.AuthenticationError)
-    assert set(run.errors["status"]) == {"cancelled"}
+    assert list(run.errors["status"]) == ["failed"] + ["cancelled"] * (len(ROWS) - 1)  # the one sent, the rest
     shown = everything_shown(run, capsys.readouterr().err)
     assert PASSWORD not in shown and "alice" not in shown
 
@@ -97,10 +99,10 @@ def test_userinfo_details():
 
 def test_key_in_the_path_is_masked_when_the_server_is_down(capsys):
     base_url = f"http://127.0.0.1:{free_port()}/v1/{PATH_KEY}/"
-    run = nbparrot.map(ROWS, "Say: {q}", base_url=base_url, api_key="sk-header-key-0123456789",
-                       max_retries=1, backoff=0.01, cache="off")
     with pytest.raises(nbparrot.EndpointUnreachableError) as caught:
-        run.result()
+        nbparrot.map(ROWS, "Say: {q}", base_url=base_url, api_key="sk-header-key-0123456789",
+                     max_retries=1, backoff=0.01, cache="off")
+    run = caught.value.run
     assert "could not reach" in str(caught.value) and PATH_KEY not in str(caught.value)
     assert PATH_KEY in run.engine.endpoint.chat_url  # the requests still need it
     shown = everything_shown(run, capsys.readouterr().err)
@@ -146,3 +148,52 @@ def test_cancel_before_the_first_step_then_await_from_another_task(server, how):
     assert list(run.errors["status"]) == ["cancelled", "cancelled"]
     assert all(o.status == "cancelled" and o.error for o in run.outcomes)
     assert server.stats()["requests"] == 0
+
+
+# ---- what a new user trips on: keys for Azure, an endpoint that is not there ---------------------
+
+
+def test_a_missing_key_for_an_azure_url_names_the_azure_variable(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("AZURE_OPENAI_API_KEY", raising=False)
+    azure = "https://myres.openai.azure.com/openai/deployments/gpt4o"
+    with pytest.raises(ConfigError, match="AZURE_OPENAI_API_KEY"):
+        resolve_endpoint(azure)
+    with pytest.raises(ConfigError, match="set the OPENAI_API_KEY environment"):
+        resolve_endpoint("https://api.openai.com/v1")
+    monkeypatch.setenv("AZURE_OPENAI_API_KEY", "azure-key-0123456789")
+    endpoint = resolve_endpoint(azure)
+    assert endpoint.azure and endpoint.api_key == "azure-key-0123456789"
+    assert endpoint.headers()["api-key"] == "azure-key-0123456789"
+
+
+def test_a_refused_first_connection_gives_up_after_two_quick_retries_and_says_why():
+    port = free_port()
+    with pytest.raises(nbparrot.EndpointUnreachableError) as caught:
+        nbparrot.map(ROWS, "Say: {q}", base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-x", cache="off",
+                     backoff=0.01)  # max_retries is 5: a refused first connection gets 2
+    message = str(caught.value)
+    assert f"connection refused by 127.0.0.1:{port}" in message and "ClientConnectorError" not in message
+    errors = caught.value.run.errors
+    # the row that was tried is failed, with its three attempts; the others were never sent
+    assert errors["status"].tolist() == ["failed", "cancelled", "cancelled"]
+    assert errors["attempts"].tolist() == [3, 0, 0] and "connection refused" in errors["error"].iloc[0]
+
+
+def test_connection_failures_in_words():
+    """A name that does not resolve is not retried before anything answered; a refusal twice.
+
+    Built from the errors aiohttp raises (a real DNS lookup would leave the machine)."""
+    import aiohttp
+    from aiohttp.client_reqrep import ConnectionKey
+
+    from nbparrot.engine.words import _cannot_connect, _describe
+
+    key = ConnectionKey("nonexistent.invalid", 80, False, True, None, None, None)
+    dns = aiohttp.ClientConnectorDNSError(key, socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
+    assert _cannot_connect(dns) == (0, "DNS name not found: nonexistent.invalid (Name or service not known)")
+    flaky = aiohttp.ClientConnectorDNSError(key, socket.gaierror(socket.EAI_AGAIN, "Temporary failure"))
+    assert _cannot_connect(flaky)[0] == 2
+    refused = aiohttp.ClientConnectorError(key, ConnectionRefusedError(111, "Connect call failed"))
+    assert _describe(refused) == "connection refused by nonexistent.invalid:80 (nothing is listening there)"
+    assert _cannot_connect(aiohttp.ServerDisconnectedError()) is None  # the endpoint is there: retried as usual

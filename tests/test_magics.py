@@ -28,15 +28,8 @@ def kernel(request, tmp_path, make_server):
 
 
 def display_updates(kernel: KernelHarness, cell) -> list[tuple[float, dict]]:
-    """Updates of the displays a cell created, matched by display_id as a frontend does.
-
-    (On ipykernel 6 output sent by a background task after another request carries that
-    request's parent header, so the display_id, not the parent, ties an update to its cell.)
-    """
-    ids = {m["content"].get("transient", {}).get("display_id") for _, m in kernel.iopub_messages()
-           if m["msg_type"] == "display_data" and m["parent_header"].get("msg_id") == cell.msg_id}
-    return [(t, m["content"]) for t, m in kernel.iopub_messages()
-            if m["msg_type"] == "update_display_data" and m["content"].get("transient", {}).get("display_id") in ids]
+    """Updates of the displays a cell created, matched by display_id (``KernelHarness.display_updates``)."""
+    return kernel.display_updates(cell)
 
 
 def comparison_table(kernel: KernelHarness, cell) -> str:
@@ -61,6 +54,32 @@ def test_one_prompt_streams_into_the_output_after_the_cell_returned(kernel):
     assert len([t for t, _ in updates if t > cell.reply_time]) >= 2, "the answer should arrive in pieces, after the reply"
     final = updates[-1][1]["data"]["text/markdown"]
     assert final.startswith(answer) and "tokens" in final
+
+
+def test_a_stream_shows_it_is_going_and_stop_keeps_what_arrived(kernel, make_server):
+    slow = make_server(latency_ms=20, per_token_ms=10, completion_tokens=3000)  # ~30 s unless stopped
+    cell = kernel.execute(f"%%llm --base-url {slow.base_url} --max-tokens 3000 -o story\nTell me a long story.",
+                          check=True)
+
+    def cue():
+        values = [w.get("value", "") for w in kernel.find_widgets("HTML").values()]
+        return next((v for v in values if "nbparrot-cue" in v and "streaming…" in v and "~0 tokens" not in v), None)
+
+    assert "tokens" in kernel.wait_for(cue, timeout=30, message="no 'streaming…' cue")
+    kernel.click(kernel.wait_for_widget("Button", description="Stop"))
+    kernel.wait_for(lambda: kernel.eval("'story' in globals()"), timeout=30, message="Stop did not end the stream")
+    story = kernel.eval("story")
+    final = [c["data"] for _, c in display_updates(kernel, cell)]
+    answer = next(d["text/markdown"] for d in reversed(final) if "text/markdown" in d)
+    assert "stopped after" in answer and answer.startswith(story) and 0 < len(story) < 3000 * 3
+    assert final[-1].get("text/html") == "" or any(d.get("text/html") == "" for d in final), "the controls stay"
+    assert slow.stats()["streams"] == 1
+    kernel.wait_for(lambda: not kernel.find_widgets("Button", description="Stop"), timeout=10,
+                    message="the stopped stream's Stop button is left open")
+    kernel.execute(f"%%llm --base-url {slow.base_url} --max-tokens 3000 -o again\nTell me a long story.", check=True)
+    kernel.wait_for(lambda: slow.stats()["streams"] == 2, timeout=30,  # a stopped answer is not cached
+                    message="the same prompt was answered without a request")
+    kernel.click(kernel.wait_for_widget("Button", description="Stop"))
 
 
 def test_json_output_and_the_cache(kernel):
@@ -108,7 +127,7 @@ def test_compare_variants_side_by_side(kernel):
     cell = kernel.execute("%%llm --over df --sample 3 -o cmp\nSay {text}\n---\nShout {text}!", check=True)
     html = comparison_table(kernel, cell)
     assert "variant 1" in html and "variant 2" in html and "mean latency" in html and "tokens" in html
-    assert html.count("<tr>") == 3 + 3  # header, prompts, usage, and one row per sampled row
+    assert html.count("<tr") == 3 + 3  # header, prompts, usage, and one row per sampled row
     assert html.count("#0] Say ") == 3 and html.count("#0] Shout ") == 3  # one answer per row and variant
 
 
@@ -117,8 +136,7 @@ def test_filter_and_classify_variants_side_by_side(kernel):
                    check=True)
     cell = kernel.execute("%%llm --over df --filter -o kept\n{text}\n---\nIs this true? {text}", check=True)
     html = comparison_table(kernel, cell)
-    assert html.count("<td style='text-align:left;vertical-align:top'>true</td>") == 4  # the decisions, not JSON
-    assert html.count("<td style='text-align:left;vertical-align:top'>false</td>") == 2
+    assert html.count(">true</td>") == 4 and html.count(">false</td>") == 2  # the decisions, not JSON
     frame = kernel.execute("res = await kept\nprint(res.shape, res.dtypes.unique().tolist())", check=True, timeout=30)
     assert frame.stdout == "(3, 2) [BooleanDtype]\n"
     kernel.execute("%%llm --over df --classify yes,no -o labels\n{text}", check=True)

@@ -19,6 +19,7 @@ from harness import KernelHarness, kernel_python, kernel_version_params, wait_un
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "sk-kernel-test-key-0123456789"
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
 @pytest.fixture(params=kernel_version_params())
@@ -55,6 +56,17 @@ def test_cell_returns_at_once_and_the_panel_moves_while_no_cell_runs(kernel, mak
     # the finished panel turned into a summary and a preview of prompt beside answer
     summary = [s for s in kernel.find_widgets("HTML").values() if "nbparrot-summary" in s.get("value", "")]
     assert summary and "120/120 answered" in summary[0]["value"] and "nbparrot-preview" in summary[0]["value"]
+    # the output: the widget view with a static fallback, replaced once the run ended by static HTML
+    # alone (a saved notebook reopened under a new kernel has no widget model to show)
+    shown = [d for d in started.displays if WIDGET_VIEW in d]
+    assert len(shown) == 1 and "nbparrot-panel" in shown[0]["text/html"] and shown[0]["text/plain"].startswith("nbparrot run")
+    final = wait_until(lambda: [c["data"] for _, c in kernel.display_updates(started)
+                                if "nbparrot-final" in c["data"].get("text/html", "")], timeout=10,
+                       message="the panel was not replaced by its final HTML")
+    assert len(final) == 1 and WIDGET_VIEW not in final[0] and "120/120 answered" in final[0]["text/html"]
+    assert "nbparrot-preview" in final[0]["text/html"] and "120/120 answered" in final[0]["text/plain"]
+    again = kernel.execute("run", check=True)  # shown again once finished: static only
+    assert again.displays and all(WIDGET_VIEW not in d and "nbparrot-final" in d["text/html"] for d in again.displays)
 
 
 def test_cancel_click_stops_the_run_and_keeps_finished_rows(kernel, make_server):

@@ -103,7 +103,7 @@ def test_loopback_only() -> None:
 
 def test_cli_flags_round_trip() -> None:
     config = ServerConfig(latency_ms=50, jitter_ms=5.5, rpm=3000, tpm=200_000, burst_seconds=1, p500=0.1,
-                          preset=0.05, retry_after=False, api_key="sk-x", models=("a", "b"), max_lifetime=9.0,
+                          p_reset=0.05, retry_after=False, api_key="sk-x", models=("a", "b"), max_lifetime=9.0,
                           completion_tokens_max=40, seed=7, batch_seconds=0.25)
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -440,7 +440,7 @@ def test_http_faults(server: ServerProcess, status: int, kind: str) -> None:
     assert stats["faults"][kind] == 1 and stats["ok"] == 0 and stats["status"] == {str(status): 1}
 
 
-@pytest.mark.parametrize("server", [{"preset": 1.0}], indirect=True)
+@pytest.mark.parametrize("server", [{"p_reset": 1.0}], indirect=True)
 def test_reset_fault_breaks_the_body(server: ServerProcess) -> None:
     async def go(payload: dict) -> int:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:

@@ -297,7 +297,10 @@ def test_weak_model_errs_on_hard_rows_with_low_confidence(srv: ServerProcess) ->
     for model in ("mock-weak", "mock-strong", "gpt-4o-mini"):
         bodies = [{"model": model, "messages": user(r), "response_format": bool_format, "logprobs": True}
                   for r in rows]
-        for row, (status, data) in zip(rows, apost_many(srv, bodies)):
+        before = srv.stats()["models"].get(model, 0)
+        answers = apost_many(srv, bodies)
+        assert srv.stats()["models"][model] - before == len(rows)  # /stats counts answers per model
+        for row, (status, data) in zip(rows, answers):
             choice = data["choices"][0]
             keep = json.loads(choice["message"]["content"])["keep"]
             p = math.exp(next(e for e in choice["logprobs"]["content"] if e["token"] in ("true", "false"))["logprob"])

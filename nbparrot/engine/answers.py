@@ -15,12 +15,12 @@ from ..errors import (
     error_fields,
     fatal_error,
 )
-from ..outcomes import FAILED, OK, SKIPPED
+from ..outcomes import FAILED, OK, PENDING, SKIPPED
 from ..pricing import cost_of
 from ..ratelimit import retry_after_seconds
 from ..tokens import estimate_text_tokens
 from .settings import _RETRY_STATUS
-from .words import _duration
+from .words import _duration, status_cause
 
 
 class Answers:
@@ -65,7 +65,7 @@ class Answers:
                 refusal = message.get("refusal") if self._n == 1 else None
                 return self._retry(row, f"the model refused: {refusal}" if refusal else
                                    f"empty answer (content {'null' if text is None else 'empty'}, "
-                                   f"finish_reason {finish!r})")
+                                   f"finish_reason {finish!r})", "refused" if refusal else "empty answer")
         outcome.content = content
         if self.schema is not None:
             try:
@@ -103,7 +103,7 @@ class Answers:
         message = self.endpoint.redact(message)
         fatal = fatal_error(status, message, code, kind, f"{status} from {self.endpoint.display_chat_url}")
         if fatal is not None:
-            return self._stop_run(fatal)
+            return self._stop_run(fatal, row)
         if status == 429:
             if "too large" in message.lower():
                 return self._fail(row, f"429 request too large: {message}")
@@ -112,7 +112,7 @@ class Answers:
         if 300 <= status < 400:
             return self._stop_run(FatalError(
                 f"{status} from {self.endpoint.chat_url}: the endpoint redirects (to {headers.get('location', '?')}); "
-                "set base_url to the final address", status=status))
+                "set base_url to the final address", status=status), row)
         if status in (400, 422) and version != self._version:
             return self._requeue(row)  # refused under parameters that have since been switched: resend
         if status == 400 and "max_tokens" in self.params and "max_completion_tokens" in message:
@@ -127,7 +127,7 @@ class Answers:
             self._costs.clear()
             return self._switch_and_resend(row)
         if status in _RETRY_STATUS or status >= 500:
-            return self._retry(row, f"{status} {message or 'server error'}".strip())
+            return self._retry(row, f"{status} {message or 'server error'}".strip(), status_cause(status))
         self._open()  # the endpoint took the key and the model: this row's request is at fault
         reason = describe_error(status, message, code)
         if self._media and status in (400, 415, 422):
@@ -150,13 +150,18 @@ class Answers:
             self._limit = max(1, self.settings.concurrency)
             self._notify()
 
-    def _retry(self, row: int, reason: str) -> None:
+    def _retry(self, row: int, reason: str, cause: str, cannot_connect: tuple[int, str] | None = None) -> None:
+        """Try the row again after a backoff (``cause`` counts it), or fail it after ``max_retries``.
+        ``cannot_connect`` (before anything has answered: see ``words._cannot_connect``) gives fewer
+        retries: no endpoint is there."""
         failures = self._failures[row] = self._failures.get(row, 0) + 1
-        self.progress.last_error = reason = self.endpoint.redact(reason)
-        if failures > self.settings.max_retries:
+        reason = self.endpoint.redact(reason)
+        retries = self.settings.max_retries if cannot_connect is None else min(cannot_connect[0], self.settings.max_retries)
+        if failures > retries:
             if not self._heard:
                 return self._stop_run(EndpointUnreachableError(
-                    f"could not reach {self.endpoint.base_url} ({reason}); is the server running and base_url right?"))
+                    f"could not reach {self.endpoint.base_url}: {reason}; is the server running and base_url right?"),
+                    row)
             self._fail(row, reason)
             self._failing += 1
             # Rows failing one after another with nothing answered between: the endpoint is down, not the
@@ -168,6 +173,8 @@ class Answers:
                     f"{self.endpoint.base_url} keeps failing: {self._failing} rows failed one after another after "
                     f"{failures} attempts each, {since} (last: {reason}); the run stopped instead of sending the rest"))
             return None
+        self.outcomes[row].error = reason  # its last error, kept while it waits (an answer clears it)
+        self.progress.count_retry(cause, reason)
         s = self.settings
         delay = random.uniform(0, min(s.backoff_cap, s.backoff_base * 2 ** (failures - 1)))
         self._park(row, delay)
@@ -188,7 +195,7 @@ class Answers:
             return self._stop_run(RateLimitWaitError(
                 f"{self.endpoint.chat_url} answered 429 and asks to wait {_duration(retry_after)} before the next "
                 f"request, longer than max_wait={_duration(self.settings.max_wait)}; rerun later (answered rows are "
-                "kept and cached), or raise it with nbparrot.configure(max_wait=...)", status=429))
+                "kept and cached), or raise it with nbparrot.configure(max_wait=...)", status=429), row)
         else:
             self._pause_reason = f"rate limited (429): the endpoint asked to wait {_duration(retry_after)}"
         self.pacer.backoff(retry_after, self._loop.time())
@@ -247,7 +254,10 @@ class Answers:
         if not self._unsettled:
             self._notify()
 
-    def _stop_run(self, error: FatalError) -> None:
+    def _stop_run(self, error: FatalError, row: int | None = None) -> None:
+        """Stop the whole run with ``error``; ``row``, whose answer showed it, fails with it."""
+        if row is not None and self.outcomes[row].status == PENDING:
+            self._fail(row, str(error))
         if self.fatal is None:
             self.fatal = error
             self.progress.last_error = str(error)

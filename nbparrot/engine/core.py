@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from ..cache import Cache
 from ..config import Endpoint
@@ -41,7 +41,7 @@ from .columns import _Costs, _Keys, _Listed, _Queue
 from .planning import Planning
 from .progress import Progress
 from .settings import EngineSettings, FAN_OUT, PAUSE_SHOWN
-from .words import _describe
+from .words import _cannot_connect, _describe, cause
 
 
 class Engine(Planning, Answers):
@@ -268,29 +268,52 @@ class Engine(Planning, Answers):
             pass
 
     async def _stop(self) -> None:
-        """Cancel what is in flight or waiting; mark every unfinished row (nothing left pending)."""
+        """Cancel what is in flight or waiting; mark every unfinished row (nothing left pending).
+
+        A row waiting to retry was tried and failed: it is ``failed``, with its last error and its
+        attempts. A row whose request was in flight is ``cancelled in flight``; the rows never sent
+        are ``cancelled`` with the reason the run stopped."""
+        parked = list(self._timers)
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
         if self._ping_task is not None:
             self._ping_task.cancel()
         tasks = list(self._tasks)
+        in_flight = [self._tasks[task] for task in tasks]
         for task in tasks:
             task.cancel()
         try:
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
         finally:  # a second cancel while gathering must not leave rows pending
-            self._mark_unsent()
+            self._mark_unsent(parked, in_flight)
 
-    def _mark_unsent(self) -> None:
+    def _mark_unsent(self, parked: Sequence[int] = (), in_flight: Sequence[int] = ()) -> None:
         if self.fatal:
-            reason = f"not sent: the run stopped ({self.fatal})"
+            why = f"the run stopped ({self.fatal})"
+            reason = f"not sent: {why}"
         elif self.budget_stop:
-            reason = f"not sent: max_cost=${self.settings.max_cost:,.4f} reached"
+            why = f"max_cost=${self.settings.max_cost:,.4f} reached"
+            reason = f"not sent: {why}"
         else:
+            why = "the run was cancelled"
             reason = "cancelled before an answer arrived"
+        last_error = self.progress.last_error
+        for unit in parked:
+            if self.outcomes[unit].status == PENDING:
+                self._fail(unit, f"{self.outcomes[unit].error or 'failed'}; not retried: {why}")
+        self.progress.last_error = last_error  # the row's own error is not what stopped the run
         self.abandon(reason)
+        for unit in in_flight:
+            for row in self._rows(unit):
+                outcome = self.outcomes[row]
+                if outcome.status == CANCELLED and outcome.attempts:
+                    outcome.error = f"cancelled in flight: {why}"
+
+    def _rows(self, unit: int) -> list[int]:
+        """The rows one request carries (one here; a pack of them for embeddings)."""
+        return [unit]
 
     def abandon(self, reason: str) -> None:
         """Mark every row without an outcome as cancelled, with ``reason`` (nothing is left pending)."""
@@ -329,7 +352,7 @@ class Engine(Planning, Answers):
         try:
             status, headers, raw = await self._transport.post(body)
         except TRANSIENT_ERRORS as exc:
-            self._retry(row, _describe(exc))
+            self._retry(row, _describe(exc), cause(exc), None if self._heard else _cannot_connect(exc))
             return
         except ResponseTooLargeError as exc:
             self._heard = True
@@ -346,7 +369,8 @@ class Engine(Planning, Answers):
             try:
                 self._answer(row, json.loads(raw), now - sent)
             except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-                self._retry(row, f"unreadable answer from the endpoint: {self.endpoint.redact(repr(raw[:200]))}")
+                self._retry(row, f"unreadable answer from the endpoint: {self.endpoint.redact(repr(raw[:200]))}",
+                            "unreadable answer")
             return
         self._error(row, status, headers, raw, version)
 

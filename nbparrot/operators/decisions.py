@@ -13,6 +13,10 @@ Cancel, the estimate, ``max_cost`` / ``confirm_over``, the cache and resume, ``m
 ``confidence=True`` on ``classify`` also asks for ``logprobs`` and gives the probability the
 model put on the chosen label's tokens (None where the endpoint returns no logprobs, which
 the panel says once).
+
+``cascade=(cheap, strong)`` on either sends the strong model only a sample and the rows the
+cheap one is unsure of (``nbparrot.operators.cascade``); ``filter_request`` / ``classify_request``
+give the system prompt and schema of a decision to other operators (joins, scoring's judge).
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ from ..prepare import prepare
 from ..results import _meta_columns
 from ..run import Run
 from ..structured import Schema
+from .cascade import check_cascade, launch as launch_cascade
 
-__all__ = ["filter", "classify", "normalize_labels", "value_probability"]
+__all__ = ["filter", "classify", "normalize_labels", "value_probability", "filter_request", "classify_request"]
 
 FILTER_INSTRUCTION = ("Decide whether the user's message is true. Reply with only a JSON object: "
                       '{"answer": true} if it is, {"answer": false} if it is not.')
@@ -96,20 +101,30 @@ class _FilterShape:
 
 @takes_options(RUN, CHAT, BATCH)
 def filter(data: Any, predicate: str | Sequence[Mapping[str, str]], *, mask: bool = False,  # noqa: A001
-           name: str = "keep", **options: Any) -> Run:
+           name: str = "keep", cascade: tuple[str, str] | None = None, target: float | None = None,
+           cascade_sample: int | None = None, **options: Any) -> Run:
     """Keep the rows for which the model says ``predicate`` (a template, e.g. ``"{text} asks for a refund"``) is true.
 
     The result is the kept rows (same index and columns, input order); rows without a decision
     (failed, skipped, cancelled) are left out and listed in ``run.errors``. ``mask=True`` gives
     the boolean Series instead (NA where there is no decision), named ``name``.
+
+    cascade: ``(cheap_model, strong_model)``: the cheap model decides every row, the strong one
+        a sample and the rows the cheap one is unsure of, so that agreement with the strong
+        model meets ``target`` (default 0.9); ``cascade_sample`` rows learn where "unsure" starts.
+        ``run.cascade`` reports how it went (see ``nbparrot.operators.cascade``).
     """
     options = check_options(filter, options)
+    spec = check_cascade(cascade, target, cascade_sample, options)
     setup = api.resolve(options)
-    schema = Schema({"answer": typing.Annotated[bool, _strict()]})
-    prepared = prepare(data, predicate, system=_system(setup.system, FILTER_INSTRUCTION),
-                       on_missing=options["on_missing"], media=setup.media)
-    return api.launch(setup, prepared, setup.chat_body(), _FilterShape(mask, options["meta"], name),
-                      schema=schema, label=f"filter: {prepared.templates[0]}")
+    system, schema = filter_request(setup.system)
+    prepared = prepare(data, predicate, system=system, on_missing=options["on_missing"],
+                       media=setup.media)
+    shape, label = _FilterShape(mask, options["meta"], name), f"filter: {prepared.templates[0]}"
+    if spec is not None:
+        return launch_cascade(setup, prepared, setup.chat_body(), shape, spec=spec, schema=schema, field="answer",
+                              label=label)
+    return api.launch(setup, prepared, setup.chat_body(), shape, schema=schema, label=label)
 
 
 def normalize_labels(labels: Any) -> tuple[list[str], dict[str, str]]:
@@ -219,31 +234,54 @@ class _ClassifyShape:
 
 @takes_options(RUN, CHAT, BATCH)
 def classify(data: Any, template: str | Sequence[Mapping[str, str]], labels: Any, *, multi: bool = False,
-             confidence: bool = False, name: str = "label", **options: Any) -> Run:
+             confidence: bool = False, name: str = "label", cascade: tuple[str, str] | None = None,
+             target: float | None = None, cascade_sample: int | None = None, **options: Any) -> Run:
     """Put every row into one of ``labels`` (a list, a dict of label -> description, or an Enum).
 
     The result is a pandas Categorical Series whose categories are exactly the labels, NA where
     a row has no answer; ``multi=True`` gives a list of labels per row. An answer outside the
     labels is re-asked, then fails its row. ``confidence=True`` adds a ``confidence`` column: the
     probability of the chosen label from the endpoint's logprobs (None where it returns none).
+
+    cascade: ``(cheap_model, strong_model)`` with ``target`` and ``cascade_sample``, as for
+        ``filter``: the strong model labels only a sample and the rows the cheap one is unsure of
+        (with ``confidence=True`` those rows have no confidence: the strong model is not asked for it).
     """
     options = check_options(classify, options)
     names, descriptions = normalize_labels(labels)
     if multi and confidence:
         raise ConfigError("confidence=True needs one label per row; it cannot be used with multi=True")
+    spec = check_cascade(cascade, target, cascade_sample, options)
+    if multi and spec is not None:
+        raise ConfigError("cascade= reads the confidence of one label per row; it cannot be used with multi=True")
     setup = api.resolve(options)
-    choice = typing.Literal[tuple(names)]  # type: ignore[valid-type]
-    schema = Schema({"labels": list[choice]} if multi else {"label": choice})
+    system, schema = classify_request(setup.system, names, descriptions, multi)
     body = setup.chat_body()
     extract = None
     if confidence:
         body["logprobs"] = True  # no top_logprobs: the chosen label's own tokens are all it reads (4x smaller answers)
         extract = _read_confidence
-    prepared = prepare(data, template, system=_system(setup.system, _classify_instruction(names, descriptions, multi)),
-                       on_missing=options["on_missing"], media=setup.media)
-    run = api.launch(setup, prepared, body, _ClassifyShape(names, multi, confidence, options["meta"], name),
-                     schema=schema, extract=extract, label=f"classify into {len(names)} labels: {prepared.templates[0]}")
-    return run
+    prepared = prepare(data, template, system=system, on_missing=options["on_missing"],
+                       media=setup.media)
+    shape = _ClassifyShape(names, multi, confidence, options["meta"], name)
+    label = f"classify into {len(names)} labels: {prepared.templates[0]}"
+    if spec is not None:
+        return launch_cascade(setup, prepared, setup.chat_body(), shape, spec=spec, schema=schema, field="label",
+                              label=label)
+    return api.launch(setup, prepared, body, shape, schema=schema, extract=extract, label=label)
+
+
+def filter_request(own_system: str | None) -> tuple[str, Schema]:
+    """The system prompt (the user's, then the instruction) and answer schema of a yes/no decision."""
+    return _system(own_system, FILTER_INSTRUCTION), Schema({"answer": typing.Annotated[bool, _strict()]})
+
+
+def classify_request(own_system: str | None, names: list[str], descriptions: dict[str, str],
+                     multi: bool = False) -> tuple[str, Schema]:
+    """The system prompt and answer schema of a choice among ``names`` (several with ``multi``)."""
+    choice = typing.Literal[tuple(names)]  # type: ignore[valid-type]
+    schema = Schema({"labels": list[choice]} if multi else {"label": choice})
+    return _system(own_system, _classify_instruction(names, descriptions, multi)), schema
 
 
 def _strict() -> Any:

@@ -21,7 +21,13 @@ latency, rate limits and random faults), its output lines shuffled.
 Structured answers decide their boolean and enum fields by documented rules
 (:mod:`.decisions`: :func:`expected_decision`, :func:`expected_label`,
 :func:`expected_labels`, :func:`expected_confidence`), with logprobs on request
-(:mod:`.logprobs`); ``mock-weak`` errs on ``<<hard>>`` rows, ``mock-strong`` never.
+(:mod:`.logprobs`); ``mock-weak`` (:data:`WEAK_MODEL`) errs on rows marked ``<<hard>>``
+(:data:`HARD_MARKER`) with low confidence, ``mock-strong`` (:data:`STRONG_MODEL`) never: the pair
+cascades are tested and benchmarked on, the truth being ``expected_decision(text, STRONG_MODEL)``.
+``GET /stats`` counts answers per model under ``models``.
+The table operators' markers (:mod:`.table`: ``<<row:ID>>``, ``<<score:N>>``, ``<<key:K>>``) give
+``agg``, ``topk`` and ``join`` a truth to check (:func:`expected_seen`, :func:`expected_score`,
+:func:`expected_choice`, :func:`expected_match`; ``GET /stats`` logs ``rows_seen``).
 ``/v1/embeddings`` returns hashed bag-of-words vectors (:mod:`.embeddings`,
 :func:`expected_embedding`).
 
@@ -29,7 +35,7 @@ Run it with ``python -m nbparrot.server --port 8000 --rpm 500 --p500 0.05``
 or, from Python, with :class:`ServerProcess` (a subprocess) or :func:`serve`.
 
 Modules, one per area: :mod:`.config` (ServerConfig, loopback check, markers,
-constants), :mod:`.prompts` (tags, digests, token counts, filler),
+constants), :mod:`.prompts` (tags, digests, token counts, filler), :mod:`.table` (table operators' markers),
 :mod:`.schema_faker` (JSON-schema instances), :mod:`.decisions` (booleans,
 labels, confidence), :mod:`.logprobs`, :mod:`.limits` (rate-limit buckets,
 faults, stats), :mod:`.wire` (errors and HTTP helpers), :mod:`.chat` (chat
@@ -90,9 +96,13 @@ from .decisions import (
 from .embeddings import expected_embedding
 from .process import ServerProcess
 from .media import image_tag
+from .table import expected_choice, expected_match, expected_score, expected_seen
 from .prompts import expected_tag, format_duration, prompt_tag, prompt_tokens
 
 __all__ = [
+    "HARD_MARKER",
+    "STRONG_MODEL",
+    "WEAK_MODEL",
     "ServerConfig",
     "ServerProcess",
     "add_arguments",
@@ -103,6 +113,10 @@ __all__ = [
     "expected_confidence",
     "expected_decision",
     "expected_embedding",
+    "expected_choice",
+    "expected_match",
+    "expected_score",
+    "expected_seen",
     "expected_label",
     "expected_labels",
     "expected_tag",

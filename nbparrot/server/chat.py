@@ -9,7 +9,9 @@ fallback instruction does, see :func:`.decisions.schema_in_words`); other ``json
 are ``{"tag", "echo", "choice", "text"}`` objects. In those instances booleans and enums follow the
 decision rules of :mod:`.decisions` (same for every choice). ``logprobs: true`` adds token logprobs
 (:mod:`.logprobs`), per token in streams too. Markers in the last user message (see :mod:`.config`)
-ask for broken, empty, refused or huge answers. An embedding model here is OpenAI's 404 "This is not
+ask for broken, empty, refused or huge answers; the table operators' markers (:mod:`.table`) give
+plain-text answers in words (the rows an ``agg`` request covered, logged in ``GET /stats``'s
+``rows_seen``; the better of two scored items; whether two keys match). An embedding model here is OpenAI's 404 "This is not
 a chat model...".
 """
 
@@ -39,6 +41,7 @@ from .embeddings import is_embedding_model
 from .logprobs import Piece, answer_pieces, logprobs_object
 from .prompts import _digest, _filler, _prompt_media
 from .schema_faker import _SchemaFaker
+from .table import ROW_MARKER, rows_in, text_answer
 from .wire import _Reject, _flush_then_abort, _int_param
 
 
@@ -217,7 +220,13 @@ class _ChatEndpoint:
             label = f"{tag}#{0 if req.greedy else i}"
             value: Any = None
             faker = None
-            if fmt == "text" or not_json:
+            marked = text_answer(last_user) if fmt == "text" and not not_json else None
+            if marked is not None:  # the table operators' markers (see .table): rows seen, a choice, a match
+                tokens, finish = (len(marked) + 3) // 4, "stop"
+                if max_tokens is not None and tokens > max_tokens:
+                    tokens, finish, marked = max_tokens, "length", marked[: max_tokens * 4]
+                content = marked
+            elif fmt == "text" or not_json:
                 prefix = f"[{label}] {req.marks}{echo} "
                 content = prefix + _filler(tokens * 4 - len(prefix))
                 if finish == "length":
@@ -314,6 +323,9 @@ class _ChatEndpoint:
             stats.prompt_tokens += ptoks
             stats.completion_tokens += ctoks
             stats.answered[tag] = stats.answered.get(tag, 0) + 1
+            if ROW_MARKER in last_user:
+                stats.rows_seen.append(rows_in(last_user))
+            stats.models[model] = stats.models.get(model, 0) + 1
             self.count(200)
 
         delay = cfg.latency_ms

@@ -37,7 +37,7 @@ _FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("p500", float, "probability of a 500"),
     ("p502", float, "probability of an HTML 502"),
     ("p503", float, "probability of a 503"),
-    ("preset", float, "probability of a connection reset mid-body"),
+    ("p_reset", float, "probability of a connection reset mid-body"),
     ("pstall", float, "probability of a stall (no answer, reset after --stall-seconds)"),
     ("stall_seconds", float, "how long a stalled request hangs"),
     ("pquota", float, "probability of a 429 insufficient_quota"),
@@ -65,6 +65,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help=f"{text} (default: {default})")
     parser.add_argument("--no-retry-after", dest="retry_after", action="store_false",
                         help="429s carry no retry-after / retry-after-ms headers")
+    parser.add_argument("--preset", dest="p_reset", type=float, default=argparse.SUPPRESS, action=_Renamed,
+                        help=argparse.SUPPRESS)  # the old name of --p-reset
+
+
+class _Renamed(argparse.Action):
+    """A flag's old name: still taken, with a warning naming the new one."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        new = "--" + self.dest.replace("_", "-")
+        print(f"warning: {option_string} is deprecated, use {new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def config_from_args(ns: argparse.Namespace) -> ServerConfig:

@@ -97,7 +97,7 @@ class ServerConfig:
     p500: float = 0.0
     p502: float = 0.0
     p503: float = 0.0
-    preset: float = 0.0  # 200 + headers + half the body, then a TCP reset
+    p_reset: float = 0.0  # 200 + headers + half the body, then a TCP reset
     pstall: float = 0.0  # never answer; reset the connection after stall_seconds
     stall_seconds: float = 30.0
     pquota: float = 0.0  # 429 insufficient_quota
@@ -117,7 +117,7 @@ class ServerConfig:
         """Validate early so a bad flag fails loudly instead of misbehaving later."""
         check_loopback(self.host)
         self.models = tuple(self.models)
-        for name in ("p500", "p502", "p503", "preset", "pstall", "pquota", "p429"):
+        for name in ("p500", "p502", "p503", "p_reset", "pstall", "pquota", "p429"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")

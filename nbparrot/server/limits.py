@@ -78,12 +78,14 @@ class _Stats:
         self.completion_tokens = 0
         self.received: dict[str, int] = {}
         self.answered: dict[str, int] = {}
+        self.models: dict[str, int] = {}  # chat answers per model (a cascade's requests per model)
         self.files_uploaded = 0
         self.batches_created = 0
         self.batch_lines = 0  # lines of the batches whose input file was valid
         self.embedding_requests = 0  # POST /v1/embeddings, valid or not
         self.embedded_inputs = 0  # inputs of the embedding requests whose body was valid (before limits and faults)
         self.embedding_tokens = 0  # tokens of the embedding requests answered
+        self.rows_seen: list[list[str]] = []  # per answered request holding <<row:ID>> markers, its IDs (.table)
         self.started = time.time()
 
     def as_dict(self) -> dict:
@@ -104,6 +106,7 @@ class _Stats:
             "uptime_seconds": time.time() - self.started,
             "received": dict(self.received),
             "answered": dict(self.answered),
+            "models": dict(self.models),
             "files_uploaded": self.files_uploaded,
             "batches_created": self.batches_created,
             "batch_lines": self.batch_lines,
@@ -111,12 +114,13 @@ class _Stats:
             "embedded_inputs": self.embedded_inputs,
             "embedding_tokens": self.embedding_tokens,
             "huge_bytes_sent": self.huge_bytes_sent,
+            "rows_seen": [list(ids) for ids in self.rows_seen],
         }
 
 
 #: (config field, stats name) in the order faults are drawn
 _FAULTS = (
-    ("p429", "429"), ("pquota", "quota"), ("p500", "500"), ("p502", "502"), ("p503", "503"), ("preset", "reset"), ("pstall", "stall")
+    ("p429", "429"), ("pquota", "quota"), ("p500", "500"), ("p502", "502"), ("p503", "503"), ("p_reset", "reset"), ("pstall", "stall")
 )
 
 

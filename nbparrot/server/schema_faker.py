@@ -6,7 +6,8 @@ Covers the subset pydantic and users emit: ``$ref`` (local), ``const``, ``enum``
 within their bounds, booleans.
 
 Booleans, string enums and arrays of string enum items (multi-label) follow the decision rules
-of :mod:`.decisions` when a decider is given (every chat answer gives one); each such value is
+of :mod:`.decisions` when a decider is given (every chat answer gives one), and the table
+operators' marker rules of :mod:`.table` (scores, comparisons, keys) where their markers are; each such value is
 recorded in ``decisions`` under its path (``$``, ``$.field``, ``$.field[0]``) for the logprobs.
 Without a decider (or for a non-string enum) the value is hash-picked from the path and choice.
 """
@@ -17,6 +18,8 @@ import hashlib
 import math
 import zlib
 from typing import TYPE_CHECKING, Any
+
+from .table import expected_choice, expected_match, expected_score
 
 if TYPE_CHECKING:
     from .decisions import _Decider
@@ -81,7 +84,8 @@ class _SchemaFaker:
         if isinstance(schema.get("enum"), list) and schema["enum"]:
             labels = _string_enum(schema) if self.decider is not None else None
             if labels is not None:
-                return self.decide(path, self.decider.label(labels), labels)
+                choice = expected_choice(self.decider.text, labels)
+                return self.decide(path, self.decider.label(labels) if choice is None else choice, labels)
             return schema["enum"][self.pick(path, len(schema["enum"]))]
         for key in ("anyOf", "oneOf"):
             options = schema.get(key)
@@ -126,7 +130,9 @@ class _SchemaFaker:
             return self.make_number(schema, path, integer=False)
         if kind == "boolean":
             if self.decider is not None:
-                return self.decide(path, self.decider.boolean(), [True, False])
+                match = expected_match(self.decider.text)
+                value = self.decider.boolean() if match is None else match != self.decider.flipped
+                return self.decide(path, value, [True, False])
             return self.pick(path, 2) == 0
         return None
 
@@ -202,6 +208,9 @@ class _SchemaFaker:
             high = low
         if integer:
             low, high = math.ceil(low), math.floor(high)
+            score = expected_score(self.decider.text, low, high) if self.decider is not None else None
+            if score is not None:
+                return score
             return low + self.pick(path, max(1, high - low + 1))
         span = high - low
         return low + span * self.pick(path, 1000) / 1000 if span else low

@@ -197,6 +197,9 @@ class KernelHarness:
         kernel has no subshells (e.g. ipykernel 6).
     startup_timeout:
         seconds for the kernel to answer kernel_info (and IOPub to connect).
+    allow_stdin:
+        what execute requests say by default: True like JupyterLab, False like nbclient
+        (``jupyter nbconvert --execute``, papermill), a client executing a notebook headlessly.
     """
 
     def __init__(
@@ -208,8 +211,10 @@ class KernelHarness:
         comm_subshell: bool = False,
         startup_timeout: float = 60.0,
         isolate_ipython_dir: bool = True,
+        allow_stdin: bool = True,
     ) -> None:
         self.python = python or sys.executable
+        self.allow_stdin = allow_stdin
         self.extra_env = dict(env or {})
         self.comm_subshell = comm_subshell
         self.startup_timeout = startup_timeout
@@ -519,14 +524,19 @@ class KernelHarness:
     def execute_nowait(
         self, code: str, *, silent: bool = False, store_history: bool = True,
         user_expressions: dict | None = None, stop_on_error: bool = True,
+        allow_stdin: bool | None = None,
     ) -> str:
-        """Send an execute_request; return its msg_id at once."""
+        """Send an execute_request; return its msg_id at once.
+
+        ``allow_stdin`` defaults to the harness's (True, as JupyterLab sends; nbclient, which
+        nbconvert and papermill use, sends False). Nothing answers an ``input()`` here.
+        """
         content = {
             "code": code,
             "silent": silent,
             "store_history": store_history and not silent,
             "user_expressions": user_expressions or {},
-            "allow_stdin": False,
+            "allow_stdin": self.allow_stdin if allow_stdin is None else allow_stdin,
             "stop_on_error": stop_on_error,
         }
         msg = self._make_msg("execute_request", content)
@@ -676,6 +686,19 @@ class KernelHarness:
     def iopub_messages(self) -> list[tuple[float, dict]]:
         with self._cond:
             return list(self._iopub_log)
+
+    def display_updates(self, cell: ExecResult) -> list[tuple[float, dict]]:
+        """Updates of the displays ``cell`` created, matched by display_id as a frontend does.
+
+        (On ipykernel 6 output sent by a background task after another request carries that
+        request's parent header, so the display_id, not the parent, ties an update to its cell.)
+        """
+        messages = self.iopub_messages()
+        ids = {m["content"].get("transient", {}).get("display_id") for _, m in messages
+               if m["msg_type"] == "display_data" and m["parent_header"].get("msg_id") == cell.msg_id}
+        return [(t, m["content"]) for t, m in messages
+                if m["msg_type"] == "update_display_data"
+                and m["content"].get("transient", {}).get("display_id") in ids]
 
     # ------------------------------------------------------- frontend -> kernel
 

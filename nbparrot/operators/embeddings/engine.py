@@ -17,7 +17,7 @@ import numpy as np
 from ...cache import CachedAnswer, request_key
 from ...engine import PLAN_SLICE, Engine
 from ...engine.columns import _Keys, _Queue
-from ...engine.words import _describe
+from ...engine.words import _cannot_connect, _describe, cause, status_cause
 from ...errors import BudgetExceededError, FatalError, error_fields, fatal_error
 from ...errors import describe_error, redact_url
 from ...outcomes import CHUNK, FAILED, MASK, OK, PENDING, SHIFT, Outcomes
@@ -373,7 +373,7 @@ class EmbedEngine(Engine):
         try:
             status, headers, raw = await self._transport.post(body)
         except TRANSIENT_ERRORS as exc:
-            self._retry(first, _describe(exc))
+            self._retry(first, _describe(exc), cause(exc), None if self._heard else _cannot_connect(exc))
             return
         except ResponseTooLargeError as exc:
             self._heard = True
@@ -392,7 +392,8 @@ class EmbedEngine(Engine):
             try:
                 self._answer(first, json.loads(raw), now - sent)
             except (ValueError, KeyError, IndexError, TypeError, AttributeError, binascii.Error):
-                self._retry(first, f"unreadable answer from the endpoint: {self.endpoint.redact(repr(raw[:200]))}")
+                self._retry(first, f"unreadable answer from the endpoint: {self.endpoint.redact(repr(raw[:200]))}",
+                            "unreadable answer")
             return
         self._error(first, status, headers, raw, version)
 
@@ -483,7 +484,7 @@ class EmbedEngine(Engine):
         param = _param(raw)
         fatal = fatal_error(status, message, code, kind, where)
         if fatal is not None:
-            return self._stop_run(fatal)
+            return self._stop_run(fatal, first)
         lower = message.lower()
         if status == 429:
             if "too large" in lower:
@@ -493,7 +494,7 @@ class EmbedEngine(Engine):
         if 300 <= status < 400:
             return self._stop_run(FatalError(
                 f"{where}: the endpoint redirects (to {headers.get('location', '?')}); set base_url to the final "
-                "address", status=status))
+                "address", status=status), first)
         if status in (400, 413, 422):
             if version != self._version:
                 return self._requeue(first)
@@ -507,7 +508,7 @@ class EmbedEngine(Engine):
                     not self._answered and not sized and "model" in lower):
                 hint = (f" (embed needs an embedding model, e.g. model={DEFAULT_MODEL!r})"
                         if param == "model" or "model" in lower else "")
-                return self._stop_run(FatalError(f"{where}: {message}{hint}", status=status, code=code))
+                return self._stop_run(FatalError(f"{where}: {message}{hint}", status=status, code=code), first)
             # Anything else is taken to be about some input of the pack: halves, down to the row at
             # fault. Before any answer, three single rows refused in a row stop the run instead.
             pack = self._packs.get(first)
@@ -521,7 +522,7 @@ class EmbedEngine(Engine):
                                               status=status, code=code))
             return None
         if status in _RETRY_STATUS or status >= 500:
-            return self._retry(first, f"{status} {message or 'server error'}".strip())
+            return self._retry(first, f"{status} {message or 'server error'}".strip(), status_cause(status))
         self._open()
         return self._fail(first, describe_error(status, message, code))
 
@@ -544,6 +545,10 @@ class EmbedEngine(Engine):
         else:
             self._pending.appendleft(unit)
         self._notify()
+
+    def _rows(self, unit: int) -> list[int]:
+        pack = self._packs.get(unit)
+        return pack.rows if pack is not None else [unit]
 
     def _fail(self, unit: int, reason: str) -> None:
         pack = self._packs.pop(unit, None)
