@@ -77,6 +77,12 @@ class RunSetup:
         get = self.options.get
         return media_options(get("images"), get("detail"), get("max_image_px"))
 
+    def text_only(self, what: str) -> None:
+        """Refuse the image options in a call that sends rows as text (``ConfigError``), rather than ignore them."""
+        given = [name for name in ("images", "detail", "max_image_px") if self.options.get(name) is not None]
+        if given:
+            raise ConfigError(f"{what} sends rows as text: {', '.join(given)} cannot be used with it")
+
     @property
     def system(self) -> str | None:
         system = self.options.get("system")

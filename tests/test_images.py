@@ -401,3 +401,13 @@ def test_an_endpoint_that_refuses_image_parts_fails_the_rows_saying_why(tmp_path
     finally:
         stop.set()
         thread.join(10)
+
+
+def test_agg_and_topk_refuse_the_image_options(tmp_path, make_server):
+    server = make_server()
+    frame = pd.DataFrame({"photo": photos(tmp_path, 3)})
+    with pytest.raises(ConfigError, match="agg sends rows as text: images"):
+        nbparrot.agg(frame, "What do {photo} show?", images=["photo"], context_tokens=10_000, **opts(server))
+    with pytest.raises(ConfigError, match="topk sends rows as text: detail"):
+        nbparrot.topk(frame, "the reddest {photo}", 2, detail="low", **opts(server))
+    assert server.stats()["requests"] == 0
