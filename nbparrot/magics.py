@@ -40,8 +40,8 @@ from .images.parts import MediaError, expand, is_media, media_options
 from .images.thumbs import row_thumbnails
 from .prepare import prepare
 from . import look
-from .panel import _in_kernel
-from .headless import in_background, run_coroutine
+
+from .headless import in_background, kernel_shell, run_coroutine
 from .pricing import cost_of, format_usd
 from .run import Run, live_runs, record_usage, session_usage
 from .stream import stream_chat
@@ -351,7 +351,7 @@ class _StreamView:
 
     def controls(self, task: asyncio.Task) -> None:
         """Show Stop and the cue under the answer; Stop cancels ``task`` and keeps what arrived."""
-        if not _in_kernel():
+        if kernel_shell() is None:
             return
         try:
             import ipywidgets as w
