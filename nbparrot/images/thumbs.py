@@ -18,7 +18,7 @@ from .parts import MediaError, MediaOptions, MediaPart
 __all__ = ["thumbnail_html", "row_thumbnails", "THUMB_PX"]
 
 THUMB_PX = 48
-_STYLE = f"max-width:{THUMB_PX}px;max-height:{THUMB_PX}px;vertical-align:middle;margin-right:6px"
+_STYLE = f"max-width:{THUMB_PX}px;max-height:{THUMB_PX}px;float:left;margin-right:6px"
 _TAG = ("display:inline-block;font-size:10px;padding:1px 4px;margin-right:6px;border:1px solid currentColor;"
         "border-radius:3px;opacity:0.7;vertical-align:middle")
 
