@@ -237,12 +237,12 @@ def _shown(content: Any) -> Any:
 
 def _text(value: Any, name: str) -> str:
     """``value`` as text to put in a prompt, or ``RenderError`` saying why it cannot be."""
-    if is_media(value):
-        raise RenderError(f"cannot render row: {name!r} holds a {type(value).__name__} (an image?) in this row while "
-                          f"its first values are not images; name the column in images=[{name!r}]")
     if isinstance(value, str):
         text = value
     else:
+        if is_media(value):
+            raise RenderError(f"cannot render row: {name!r} holds a {type(value).__name__} (an image?) in this row "
+                              f"while its first values are not images; name the column in images=[{name!r}]")
         try:
             text = str(value)
         except Exception as exc:  # noqa: BLE001 - any failure of a user's __str__ is this row's error

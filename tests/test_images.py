@@ -130,6 +130,8 @@ def test_bad_values_fail_their_own_row_naming_it(tmp_path, make_server):
     run = nbparrot.map(mixed, "Describe {v}", **opts(server))
     assert run.result()[0]["answer"].count("[image:") == 1
     assert all("'v'" in e for e in run.errors["error"])  # a string or a number in an image column: named
+    run = nbparrot.map([{"v": "plain text"}, {"v": png()}], "Describe {v}", **opts(server))
+    assert run.result()[0]["answer"] and "images=['v']" in run.errors["error"].iloc[0]  # never str(bytes) sent
 
 
 def test_a_huge_image_is_scaled_down_before_it_is_sent(tmp_path, make_server):
