@@ -94,7 +94,7 @@ def resolve(options: dict[str, Any]) -> RunSetup:
     model = options.get("model") or defaults.model
     if not isinstance(model, str) or not model:
         raise ConfigError(f"model must be a model name, not {model!r}")
-    endpoint = resolve_endpoint(options.get("base_url"), options.get("api_key"))
+    endpoint = resolve_endpoint(options.get("base_url"), options.get("api_key"), client=options.get("client"), model=model)
     get = options.get
     settings = EngineSettings(
         concurrency=_positive_int("concurrency", defaults.concurrency if get("concurrency") is None else get("concurrency")),

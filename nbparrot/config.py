@@ -15,13 +15,16 @@ from __future__ import annotations
 import base64
 import os
 from dataclasses import dataclass, field, fields
-from urllib.parse import unquote, urlsplit
+from typing import Any
+from urllib.parse import unquote, urlencode, urlsplit
 
 from .errors import ConfigError, redact, redact_url
 
 __all__ = ["Defaults", "defaults", "configure", "Endpoint", "resolve_endpoint", "OPENAI_URL"]
 
 OPENAI_URL = "https://api.openai.com/v1"
+AZURE_HOSTS = (".openai.azure.com", ".cognitiveservices.azure.com")
+SECRET_HEADERS = frozenset({"authorization", "api-key", "proxy-authorization", "x-api-key", "cookie"})
 
 
 @dataclass
@@ -41,6 +44,7 @@ class Defaults:
     first_byte_timeout: float = 10.0  # no answer yet by then: a status check finds out if the endpoint is there
     background: bool | str = "auto"  # in a kernel: runs go on after their cell (True), finish in it (False),
     # or "auto": in the background unless the notebook is executed headlessly (nbconvert, papermill)
+    client: Any = None  # an openai client object: endpoint, key and headers of every run (see nbparrot.clients)
 
 
 defaults = Defaults()
@@ -83,6 +87,8 @@ class Endpoint:
     azure: bool = False
     api_version: str | None = None
     basic_auth: tuple[str, str] | None = field(default=None, repr=False)
+    extra_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # an openai client's own headers
+    query: tuple[tuple[str, str], ...] = ()  # sent with every request (an openai client's default_query)
 
     def __post_init__(self) -> None:
         shown = redact_url(self.base_url)  # with ***@ where the credentials were
@@ -98,12 +104,17 @@ class Endpoint:
                               "api_key is given too: both would go in the Authorization header. Give one: "
                               "api_key= with a base_url without user:password@, or the URL's credentials alone")
 
+    def url(self, path: str) -> str:
+        """The URL of ``path`` (e.g. "/embeddings") under ``base_url``, with the query every request carries."""
+        query = list(self.query)
+        if (self.azure and self.api_version and "/deployments/" in self.base_url
+                and not any(name == "api-version" for name, _ in query)):
+            query.insert(0, ("api-version", self.api_version))
+        return self.base_url + path + ("?" + urlencode(query) if query else "")
+
     @property
     def chat_url(self) -> str:
-        url = self.base_url + "/chat/completions"
-        if self.azure and self.api_version and "/deployments/" in self.base_url:
-            url += f"?api-version={self.api_version}"
-        return url
+        return self.url("/chat/completions")
 
     @property
     def display_url(self) -> str:
@@ -119,6 +130,9 @@ class Endpoint:
         """``text`` without this endpoint's key, password, or any URL's credentials and key-looking path."""
         if self.basic_auth is not None:
             text = redact(text, self.basic_auth[1])
+        for name, value in self.extra_headers:  # a token in a client's default headers
+            if name.lower() in SECRET_HEADERS:
+                text = redact(text, value.split(" ", 1)[-1])
         return redact(text, self.api_key)
 
     def headers(self) -> dict[str, str]:
@@ -132,6 +146,7 @@ class Endpoint:
                 headers["api-key"] = self.api_key
             else:
                 headers["Authorization"] = f"Bearer {self.api_key}"
+        headers.update(self.extra_headers)
         return headers
 
     @property
@@ -144,14 +159,24 @@ class Endpoint:
         return f"Endpoint({self.display_url!r}, api_key={key}{basic})"
 
 
-def resolve_endpoint(base_url: str | None = None, api_key: str | None = None, api_version: str | None = None) -> Endpoint:
+def resolve_endpoint(base_url: str | None = None, api_key: str | None = None, api_version: str | None = None, *,
+                     client: Any = None, model: str | None = None) -> Endpoint:
     """The endpoint from arguments, then defaults, then the environment; checked before any request.
+
+    An openai ``client`` (else ``defaults.client`` when neither ``base_url`` nor ``api_key`` is given)
+    supplies all of it instead (see ``nbparrot.clients``; ``model`` names an Azure deployment there).
 
     ``user:password@`` in the URL becomes HTTP Basic auth (see ``Endpoint``) and then
     ``OPENAI_API_KEY`` is not sent (the URL's credentials are meant for this endpoint); an
     explicit ``api_key=`` together with them is a ``ConfigError`` (Azure excepted). No message
     here repeats the password or a key-looking path segment.
     """
+    if client is None and base_url is None and api_key is None:
+        client = defaults.client
+    if client is not None:
+        from .clients import endpoint_of
+
+        return endpoint_of(client, base_url, api_key, model)
     url = base_url or defaults.base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_URL
     url = url.strip().rstrip("/")
     if url.endswith("/chat/completions"):
@@ -165,7 +190,7 @@ def resolve_endpoint(base_url: str | None = None, api_key: str | None = None, ap
         raise ConfigError("base_url must not carry a query string; pass the key as api_key= "
                           f"(base_url given: {shown!r}?...)")
     host = parts.hostname or ""
-    azure = host.endswith(".openai.azure.com") or host.endswith(".cognitiveservices.azure.com")
+    azure = host.endswith(AZURE_HOSTS)
     if credentials is not None and not azure:
         key = api_key  # the environment's key is not for this endpoint; an explicit one conflicts (Endpoint says so)
     else:

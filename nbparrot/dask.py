@@ -79,6 +79,8 @@ _REFUSED = {
     "confirm_over": "confirm_over asks in the notebook's panel before sending, and dask partitions run "
                     "on workers without one: cap the spend with max_cost= (split evenly over the "
                     "partitions), or try the template on ddf.head(20).llm.map(...) first",
+    "client": "an openai client object stays in this process (its headers and token do not travel to the "
+              "workers): pass base_url= and api_key= instead",
     "cascade": "a cascade learns where the cheap model is unsure from a sample of the whole frame, which "
                "partitions on separate workers cannot share: run it on a pandas frame (e.g. ddf.compute())",
 }
@@ -193,6 +195,8 @@ def _plan(frame: dd.DataFrame, func: Any, args: tuple, options: dict[str, Any]) 
     options = dict(options)
     options.pop("confirm", None)  # only meaningful with confirm_over
     endpoint = resolve_endpoint(options.pop("base_url", None), options.pop("api_key", None))
+    if endpoint.extra_headers or endpoint.query:  # from nbparrot.configure(client=...)
+        raise ConfigError(f"{_REFUSED['client']} ({what} would use the session's client=, with its own headers)")
     options["base_url"] = endpoint.base_url
     options["model"] = options.get("model") or parameters["model"].default or defaults.model  # embed's own default
     for name in ("system", "max_retries", "timeout", "max_tokens"):

@@ -248,8 +248,8 @@ class NbparrotMagics(Magics):
 
     def _single(self, args: argparse.Namespace, prompt: str | list, schema: Any) -> None:
         """One prompt (text, or content parts with images): stream the answer into the output; bind ``-o`` when it ends."""
-        endpoint = resolve_endpoint(args.base_url)
         model = args.model or defaults.model
+        endpoint = resolve_endpoint(args.base_url, model=model)
         system = args.system if args.system is not None else defaults.system
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         body: dict[str, Any] = {"model": model, "max_tokens": args.max_tokens or defaults.max_tokens}
@@ -293,9 +293,9 @@ class NbparrotMagics(Magics):
                 if not (parsed_schema is not None or args.json):  # a cut JSON answer would not parse
                     self._bind(args, view.texts, None)
                 return
+            cost = cost_of(model, result.prompt_tokens, result.completion_tokens, base_url=endpoint.base_url)
             record_usage(model, requests=1, prompt_tokens=result.prompt_tokens,
-                         completion_tokens=result.completion_tokens)
-            cost = cost_of(model, result.prompt_tokens, result.completion_tokens)
+                         completion_tokens=result.completion_tokens, cost=cost)
             note = (f"{result.prompt_tokens + result.completion_tokens:,} tokens · "
                     f"{format_usd(cost)} · {time.monotonic() - started:.1f}s")
             view.update(result.texts, final=True, note=note)
@@ -501,7 +501,8 @@ def _usage(run: Run, outs: list[Any]) -> str:
     parts = ["cached" if cached == len(outs) else f"{cached} of {len(outs)} cached"] if cached else []
     parts.append(f"{tokens:,} tokens")
     if sent:
-        costs = [cost_of(run.model, o.prompt_tokens, o.completion_tokens, batch=run.engine.batch) for o in sent]
+        costs = [cost_of(run.model, o.prompt_tokens, o.completion_tokens, o.cached_tokens, batch=run.engine.batch,
+                         base_url=run.engine.endpoint.base_url) for o in sent]
         parts.append(format_usd(None if any(c is None for c in costs) else sum(costs)))
         latencies = [o.latency for o in sent if o.latency is not None]
         if latencies:

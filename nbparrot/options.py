@@ -35,6 +35,8 @@ RUN: tuple[Option, ...] = (
     Option("model", None, "str | None", "model name; default ``nbparrot.configure(model=...)``, 'gpt-4o-mini'"),
     Option("base_url", None, "str | None", "OpenAI-compatible endpoint; default OPENAI_BASE_URL, else OpenAI's"),
     Option("api_key", None, "str | None", "default OPENAI_API_KEY (Azure: AZURE_OPENAI_API_KEY); shown nowhere"),
+    Option("client", None, "openai.OpenAI | None", "an openai client (OpenAI, AsyncOpenAI, AzureOpenAI, ...): its base URL, "
+           "key, headers, organization, project, api-version; requests still go through aiohttp"),
     Option("concurrency", None, "int | None", "requests in flight at once (default 128)"),
     Option("max_retries", None, "int | None", "retries per request after 408/409/429/5xx/connection errors (default 5)"),
     Option("timeout", None, "float | None", "seconds per attempt (default 120)"),

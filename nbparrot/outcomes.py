@@ -15,7 +15,7 @@ column would touch 8 MB at once), and a run never pays for more than it has used
 
 ``outcomes[k]`` gives an ``Outcome``: a small view of row ``k`` with the familiar attributes
 (``status``, ``content``, ``parsed``, ``finish_reason``, ``error``, ``attempts``,
-``prompt_tokens``, ``completion_tokens``, ``latency``, ``cached``), readable and writable as on
+``prompt_tokens``, ``completion_tokens``, ``cached_tokens``, ``latency``, ``cached``), readable and writable as on
 the plain object this replaces.
 """
 
@@ -108,7 +108,7 @@ class Outcomes:
     """The outcomes of ``n`` requests, in input order (see the module docstring)."""
 
     __slots__ = ("status", "attempts", "prompt_tokens", "completion_tokens", "latency", "cached",
-                 "content", "parsed", "extra", "error", "status_error", "finish", "finish_values", "finish_codes",
+                 "content", "parsed", "extra", "error", "cached_tokens", "status_error", "finish", "finish_values", "finish_codes",
                  "finish_other", "tokens_other")
 
     def __init__(self, n: int):
@@ -122,6 +122,7 @@ class Outcomes:
         self.parsed = Sparse(n)
         self.extra = Sparse(n)  # what an operator reads from the raw answer besides the text (a confidence)
         self.error = Sparse(n)
+        self.cached_tokens = Sparse(n)  # prompt tokens the provider served from its prompt cache (rows with any)
         self.status_error: dict[int, str] = {}  # status code -> the error of its rows that have none of their own
         self.finish = bytearray(n)  # index into finish_values; 0 = None
         self.finish_values: list[Any] = [None]
@@ -317,10 +318,20 @@ class Outcome:
     prompt_tokens = _number("prompt_tokens", fallback=True)
     completion_tokens = _number("completion_tokens", fallback=True)
 
+    @property
+    def cached_tokens(self) -> int:
+        """Of ``prompt_tokens``, those the provider served from its prompt cache (at the cached-input price)."""
+        return self._s.cached_tokens.get(self._r) or 0
+
+    @cached_tokens.setter
+    def cached_tokens(self, value: int) -> None:
+        self._s.cached_tokens.set(self._r, value or None)
+
     def copy_from(self, other: "Outcome") -> None:
         """Take every field of ``other`` (e.g. a stage's outcome, into the staged run's own)."""
         self.status, self.attempts, self.latency, self.cached = other.status, other.attempts, other.latency, other.cached
         self.prompt_tokens, self.completion_tokens = other.prompt_tokens, other.completion_tokens
+        self.cached_tokens = other.cached_tokens
         self.content, self.parsed, self.extra, self.error = other.content, other.parsed, other.extra, other.error
         self.finish_reason = other.finish_reason
 

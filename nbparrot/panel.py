@@ -26,7 +26,7 @@ from .engine.words import retries_text
 from .pace import Pace, format_eta
 from .headless import kernel_shell
 from .images.thumbs import row_thumbnails
-from .pricing import format_usd
+from .pricing import cached_share, format_usd
 
 if TYPE_CHECKING:  # pragma: no cover
     from .run import Run
@@ -113,6 +113,7 @@ def snapshot(run: "Run", pace: Pace | None = None) -> dict[str, Any]:
         "retrying": p.retrying, "done": p.done, "failed": p.failed, "cancelled": p.cancelled,
         "skipped": p.skipped, "rate_limited": p.rate_limited, "tokens": tokens, "cost": run.cost,
         "projected": run.projected_cost, "cached": p.cached,
+        "cached_share": cached_share(p.prompt_tokens, p.cached_prompt_tokens),
         "elapsed": elapsed, "eta": reading.eta if reading is not None else None, "oldest": oldest, "pace": reading,
         "rpm_limit": limits.get("rpm"), "tpm_limit": limits.get("tpm"), "last_error": p.last_error,
         "retried": _retried(p), "last_retry": p.last_retry,
@@ -423,8 +424,9 @@ def stats_html(s: dict) -> str:
     oldest = f" · oldest in flight {_fmt_secs(s['oldest'])}" if s["oldest"] is not None else ""
     projected = f" (projected {format_usd(s['projected'])})" if s["projected"] is not None else ""
     rates = _rates_text(s)
+    cache_share = f" ({s['cached_share']})" if s.get("cached_share") else ""
     lines = [f"<span class='nbparrot-counts'>{' · '.join(counts)}</span>",
-             f"tokens <b>{s['tokens']:,}</b> · {format_usd(s['cost'])}{projected} · "
+             f"tokens <b>{s['tokens']:,}</b>{cache_share} · {format_usd(s['cost'])}{projected} · "
              f"elapsed {_fmt_secs(s['elapsed'])}{eta}{oldest}"]
     if rates:
         lines.append(f"<span class='nbparrot-rates'>{rates}</span>")

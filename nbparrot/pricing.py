@@ -1,19 +1,26 @@
 """Prices per million tokens, so cost is visible before, during and after a run.
 
-The table holds OpenAI's list prices (USD per 1M tokens: input, cached input, output) as
-published when this version was made; ``set_price`` adds or overrides a model (a gateway's
-or a fine-tune's). The Batch API costs half. A model missing from the table has an
-*unknown* cost (None), never zero. ``estimate`` gives a run's cost before any request:
-expected (answers assumed to use half of ``max_tokens`` until real ones show their length)
-and at most (every ``max_tokens`` used, which is also what a budget must assume).
+Prices come from ``genai-prices`` (Pydantic's price database, shipped inside the package, so
+it works offline; its background updater is never started here): looked up once per model
+and endpoint, the endpoint telling the provider (api.openai.com, Azure, OpenRouter, Anthropic's
+and Google's OpenAI-compatible URLs, ...), else the model's name (a local server serving
+"gpt-4o-mini" is priced as OpenAI's). ``set_price`` adds or overrides a model (a fine-tune, a
+local model at 0). Tiered prices count at their base tier (long-context surcharges apply only
+past ~200k prompt tokens in one request). The Batch API costs half; cached prompt tokens cost
+the provider's cached-input price. A model with no price has an *unknown* cost (None), never
+zero. ``estimate`` gives a run's cost before any request: expected (answers assumed to use
+half of ``max_tokens`` until real ones show their length) and at most (every ``max_tokens``
+used, which is also what a budget must assume).
 """
 
 from __future__ import annotations
 
-import re
-from typing import NamedTuple
+import threading
+from datetime import datetime, timezone
+from typing import Any, NamedTuple
 
-__all__ = ["Price", "PRICES", "BATCH_DISCOUNT", "price_of", "set_price", "cost_of", "Estimate", "estimate", "format_usd"]
+__all__ = ["Price", "PRICES", "BATCH_DISCOUNT", "price_of", "set_price", "cost_of", "Estimate", "estimate",
+           "format_usd", "cached_share", "known", "preload"]
 
 
 class Price(NamedTuple):
@@ -23,52 +30,118 @@ class Price(NamedTuple):
     cached_input: float
     output: float
 
+    def cost(self, prompt_tokens: float, completion_tokens: float, cached_tokens: float = 0,
+             batch: bool = False) -> float:
+        """USD for these tokens (``cached_tokens`` are part of ``prompt_tokens``)."""
+        usd = ((prompt_tokens - cached_tokens) * self.input + cached_tokens * self.cached_input
+               + completion_tokens * self.output) / 1e6
+        return usd * BATCH_DISCOUNT if batch else usd
 
-PRICES: dict[str, Price] = {
-    "gpt-5": Price(1.25, 0.125, 10.00),
-    "gpt-5-mini": Price(0.25, 0.025, 2.00),
-    "gpt-5-nano": Price(0.05, 0.005, 0.40),
-    "gpt-4.1": Price(2.00, 0.50, 8.00),
-    "gpt-4.1-mini": Price(0.40, 0.10, 1.60),
-    "gpt-4.1-nano": Price(0.10, 0.025, 0.40),
-    "gpt-4o": Price(2.50, 1.25, 10.00),
-    "gpt-4o-mini": Price(0.15, 0.075, 0.60),
-    "o3": Price(2.00, 0.50, 8.00),
-    "o4-mini": Price(1.10, 0.275, 4.40),
-    "o3-mini": Price(1.10, 0.55, 4.40),
-    "gpt-3.5-turbo": Price(0.50, 0.50, 1.50),
-    # embeddings: input tokens only
-    "text-embedding-3-small": Price(0.02, 0.02, 0.0),
-    "text-embedding-3-large": Price(0.13, 0.13, 0.0),
-    "text-embedding-ada-002": Price(0.10, 0.10, 0.0),
-}
 
+#: Prices set with ``set_price``: they win over the database, for every endpoint.
+PRICES: dict[str, Price] = {}
 BATCH_DISCOUNT = 0.5
-_SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{4})$")
+_looked_up: dict[tuple[str, str | None], Price | None] = {}  # (model, base_url) -> the database's price
+
+
+_loaded = threading.Event()  # the price database is imported (it takes ~0.2-0.8 s of CPU, once per process)
+_loader: threading.Thread | None = None
+
+
+def preload() -> threading.Event:
+    """Start loading the price database in a background thread (once); the event is set when it is
+    in, so a notebook's ``map()`` returns at once and its planning waits for the prices without
+    holding the loop."""
+    global _loader
+    if _loader is None and not _loaded.is_set():
+        _loader = threading.Thread(target=_load, name="nbparrot-prices", daemon=True)
+        _loader.start()
+    return _loaded
+
+
+def _load() -> None:
+    try:
+        from genai_prices.data_snapshot import get_snapshot
+
+        get_snapshot()
+    finally:  # a failed import is raised again, and reported, by the lookup that needs it
+        _loaded.set()
+
+
+def known(model: str, base_url: str | None = None) -> bool:
+    """Whether ``price_of(model, base_url)`` answers without loading the price database."""
+    return model in PRICES or (model, base_url) in _looked_up or _loaded.is_set()
 
 
 def set_price(model: str, input: float, output: float, cached_input: float | None = None) -> None:
-    """Add or override a model's price (USD per 1M tokens)."""
+    """Add or override a model's price (USD per 1M tokens), on every endpoint."""
     PRICES[model] = Price(float(input), float(input if cached_input is None else cached_input), float(output))
 
 
-def price_of(model: str) -> Price | None:
-    """The model's price; a dated snapshot ("gpt-4o-mini-2024-07-18") falls back to its family."""
+def price_of(model: str, base_url: str | None = None) -> Price | None:
+    """The model's price at the endpoint ``base_url`` (None: by the model's name alone), or None if unknown.
+
+    Looked up in genai-prices once per (model, endpoint) and kept for the process."""
     price = PRICES.get(model)
-    if price is None:
-        price = PRICES.get(_SNAPSHOT.sub("", model))
-    return price
+    if price is not None:
+        return price
+    key = (model, base_url)
+    if key not in _looked_up:
+        _looked_up[key] = _lookup(model, base_url)
+    return _looked_up[key]
 
 
-def cost_of(model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
-            *, batch: bool = False) -> float | None:
-    """USD for these tokens on ``model``, or None when the price is unknown."""
-    price = price_of(model)
-    if price is None:
+def _lookup(model: str, base_url: str | None) -> Price | None:
+    """genai-prices' price of ``model``: at the provider whose API ``base_url`` is, else by the name, else
+    at OpenAI (embedding names match no provider by themselves)."""
+    preload().wait()
+    from genai_prices.data_snapshot import get_snapshot
+
+    snapshot = get_snapshot()
+    provider = None
+    if base_url:
+        try:
+            provider = snapshot.find_provider(None, None, base_url)
+        except LookupError:
+            provider = None  # a local server or a gateway the database does not know: go by the model's name
+    try:
+        if provider is not None:  # a known provider decides: its own price or none
+            _, info = snapshot.find_provider_model(model, provider, None, None)
+        else:
+            try:
+                _, info = snapshot.find_provider_model(model, None, None, None)
+            except LookupError:
+                _, info = snapshot.find_provider_model(model, None, "openai", None)
+    except LookupError:
         return None
-    usd = ((prompt_tokens - cached_tokens) * price.input + cached_tokens * price.cached_input
-           + completion_tokens * price.output) / 1e6
-    return usd * BATCH_DISCOUNT if batch else usd
+    prices = info.get_prices(datetime.now(timezone.utc))
+    if getattr(prices, "input_mtok", None) is None:  # priced per image, per second, ...: not by tokens
+        return None
+    input_price = _base(prices.input_mtok)
+    cached = _base(getattr(prices, "cache_read_mtok", None))
+    output = _base(getattr(prices, "output_mtok", None))
+    return Price(input_price, input_price if cached is None else cached, 0.0 if output is None else output)
+
+
+def _base(value: Any) -> float | None:
+    """A price as a float: a tiered price's base tier."""
+    if value is None:
+        return None
+    return float(getattr(value, "base", value))
+
+
+def cost_of(model: str, prompt_tokens: float, completion_tokens: float, cached_tokens: float = 0,
+            *, batch: bool = False, base_url: str | None = None) -> float | None:
+    """USD for these tokens on ``model`` (at ``base_url``'s provider), or None when the price is unknown."""
+    price = price_of(model, base_url)
+    return None if price is None else price.cost(prompt_tokens, completion_tokens, cached_tokens, batch)
+
+
+def cached_share(prompt_tokens: int, cached_tokens: int) -> str | None:
+    """"prompt 62% cached", or None when no prompt token was cached."""
+    if not cached_tokens or not prompt_tokens:
+        return None
+    return f"prompt {100 * cached_tokens / prompt_tokens:.0f}% cached"
 
 
 EXPECTED_SHARE = 0.5  # before any answer: assume answers use half of max_tokens
@@ -108,9 +181,10 @@ def format_usd(cost: float | None) -> str:
 
 
 def estimate(model: str, requests: int, prompt_tokens: int, max_completion_tokens: int, *,
-             batch: bool = False) -> Estimate:
-    """Expected and upper-bound cost of a run from its token estimates (at Batch API prices if ``batch``)."""
+             batch: bool = False, base_url: str | None = None) -> Estimate:
+    """Expected and upper-bound cost of a run from its token estimates (at Batch API prices if ``batch``);
+    prompts are priced uncached, as nothing says in advance what the provider will have cached."""
     expected_out = int(max_completion_tokens * EXPECTED_SHARE)
     return Estimate(requests, prompt_tokens, max_completion_tokens,
-                    cost_of(model, prompt_tokens, expected_out, batch=batch),
-                    cost_of(model, prompt_tokens, max_completion_tokens, batch=batch))
+                    cost_of(model, prompt_tokens, expected_out, batch=batch, base_url=base_url),
+                    cost_of(model, prompt_tokens, max_completion_tokens, batch=batch, base_url=base_url))

@@ -165,6 +165,7 @@ def _typed(values: list, dtype: Any) -> Any:
 
 def _meta_columns(run: "Run", requests: list[int]) -> dict[str, list]:
     prepared, outcomes = run.prepared, run.outcomes
+    batch, base_url = run.engine.batch, run.engine.endpoint.base_url  # priced once per model (pricing.price_of)
     params = json.dumps({k: v for k, v in run.engine.params.items() if k != "response_format"}, sort_keys=True)
     meta: dict[str, list] = {c: [] for c in META_COLUMNS}
     for k in requests:
@@ -176,7 +177,8 @@ def _meta_columns(run: "Run", requests: list[int]) -> dict[str, list]:
         meta["finish_reason"].append(o.finish_reason)
         meta["prompt_tokens"].append(o.prompt_tokens)
         meta["completion_tokens"].append(o.completion_tokens)
-        meta["cost"].append(0.0 if o.cached else cost_of(model, o.prompt_tokens, o.completion_tokens, batch=run.engine.batch))
+        meta["cost"].append(0.0 if o.cached else cost_of(model, o.prompt_tokens, o.completion_tokens, o.cached_tokens,
+                                                         batch=batch, base_url=base_url))
         meta["latency"].append(o.latency)
         meta["attempts"].append(o.attempts)
         meta["cached"].append(o.cached)

@@ -25,7 +25,7 @@ from .prepare import Prepared
 from .engine import CANCELLED, FAILED, SKIPPED, Engine
 from .errors import ConfigError, NbparrotError, RunCancelledError, RunNotFinishedError
 from .headless import in_background, off_loop
-from .pricing import cost_of, format_usd
+from .pricing import cached_share, format_usd
 
 __all__ = ["Run", "live_runs", "record_usage", "session_usage"]
 
@@ -40,22 +40,23 @@ def live_runs() -> list["Run"]:
 
 
 def record_usage(model: str, *, requests: int = 0, prompt_tokens: int = 0, completion_tokens: int = 0,
-                 cached: int = 0, batch: bool = False) -> None:
-    """Add to this session's totals (every finished run and single prompt reports here)."""
-    totals = _usage.setdefault((model, batch), {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cached": 0})
+                 cached: int = 0, batch: bool = False, cost: float | None = 0.0) -> None:
+    """Add to this session's totals (every finished run and single prompt reports here, with its cost:
+    None when the price is unknown, which the model's total then is too)."""
+    totals = _usage.setdefault((model, batch), {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cached": 0,
+                                                "cost": 0.0})
     totals["requests"] += requests
     totals["prompt_tokens"] += prompt_tokens
     totals["completion_tokens"] += completion_tokens
     totals["cached"] += cached
+    totals["cost"] = None if cost is None or totals["cost"] is None else totals["cost"] + cost
 
 
 def session_usage() -> dict[str, dict[str, Any]]:
     """Requests, tokens, cached answers and cost per model for this session (cost None if unknown).
 
     Work sent through the Batch API is listed apart, as "<model> (batch)", at its own price."""
-    return {model + (" (batch)" if batch else ""):
-            {**t, "cost": cost_of(model, t["prompt_tokens"], t["completion_tokens"], batch=batch)}
-            for (model, batch), t in _usage.items()}
+    return {model + (" (batch)" if batch else ""): dict(t) for (model, batch), t in _usage.items()}
 
 
 class Run:
@@ -200,7 +201,7 @@ class Run:
         """Add this run's requests and tokens to the session's totals (once, as it ends)."""
         p = self.progress
         record_usage(self.model, requests=p.requests, prompt_tokens=p.prompt_tokens,
-                     completion_tokens=p.completion_tokens, cached=p.cached, batch=self.engine.batch)
+                     completion_tokens=p.completion_tokens, cached=p.cached, batch=self.engine.batch, cost=self.cost)
 
     # ---- state --------------------------------------------------------------------------
 
@@ -274,16 +275,19 @@ class Run:
 
     @property
     def usage(self) -> dict[str, dict[str, int]]:
-        """Tokens and requests per model."""
+        """Tokens and requests per model (``cached_prompt_tokens``: of the prompt tokens, those the provider
+        served from its prompt cache)."""
         p = self.progress
         return {self.model: {"requests": p.requests, "prompt_tokens": p.prompt_tokens,
-                             "completion_tokens": p.completion_tokens, "rows_answered": p.done,
-                             "rows_cached": p.cached}}
+                             "completion_tokens": p.completion_tokens, "cached_prompt_tokens": p.cached_prompt_tokens,
+                             "rows_answered": p.done, "rows_cached": p.cached}}
 
     @property
     def cost(self) -> float | None:
-        """USD spent so far (cached rows cost nothing), or None when the model's price is unknown."""
-        return cost_of(self.model, self.progress.prompt_tokens, self.progress.completion_tokens, batch=self.engine.batch)
+        """USD spent so far (cached rows cost nothing; prompt tokens the provider cached, its cached-input
+        price), or None when the model's price is unknown."""
+        p = self.progress
+        return self.engine.usd(p.prompt_tokens, p.completion_tokens, p.cached_prompt_tokens)
 
     def model_of(self, request: int) -> str:
         """The model that answered request ``request`` (one model per run, but for a staged run's passes)."""
@@ -432,6 +436,9 @@ class Run:
         if requests:
             parts.append(requests)
         parts.append(f"{p.prompt_tokens + p.completion_tokens:,} tokens")
+        share = cached_share(p.prompt_tokens, p.cached_prompt_tokens)
+        if share:
+            parts.append(share)
         parts.append(format_usd(self.cost))
         if p.started is not None and p.finished is not None:
             parts.append(f"{p.finished - p.started:.1f}s")

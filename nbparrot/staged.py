@@ -134,7 +134,7 @@ class StagedProgress:
     requests of passes not started yet (``later``: queued, in the total) and the work's own note."""
 
     _SUMMED = ("queued", "in_flight", "retrying", "done", "cancelled", "skipped", "cached", "requests",
-               "rate_limited", "prompt_tokens", "completion_tokens", "usage_estimated")
+               "rate_limited", "prompt_tokens", "completion_tokens", "cached_prompt_tokens", "usage_estimated")
 
     def __init__(self, staged: "Staged"):
         self._staged = staged
@@ -469,7 +469,7 @@ def launch_staged(setup: Any, work: Work, shape: Callable[[Run], Any], label: st
                           "pass's run, with its outcomes (run.passes[i].outcomes, .errors, .usage)")
     if setup.settings.max_cost is not None:
         for model in models:
-            if price_of(model) is None:
+            if price_of(model, setup.endpoint.base_url) is None:
                 raise ConfigError(f"max_cost cannot be kept: the price of {model!r} is unknown; "
                                   "set it with nbparrot.set_price(model, input=..., output=...)")
     run = run_class(Staged(setup, work, models), shape=shape, label=label)

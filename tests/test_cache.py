@@ -510,7 +510,7 @@ def test_runs_sharing_a_cache_dir_keep_every_answer_and_a_rerun_sends_nothing(ma
 
     procs = []
     try:
-        long_run = start("long", 1000)  # about 5 s of answers at 4 in flight
+        long_run = start("long", 2000)  # about 10 s of answers at 4 in flight
         procs.append(long_run)
         deadline = time.monotonic() + 60
         while sum(server.stats()["answered"].values()) < 20:  # it has opened the cache and is writing answers

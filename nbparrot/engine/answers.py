@@ -16,7 +16,6 @@ from ..errors import (
     fatal_error,
 )
 from ..outcomes import FAILED, OK, PENDING, SKIPPED
-from ..pricing import cost_of
 from ..ratelimit import retry_after_seconds
 from ..tokens import estimate_text_tokens
 from .settings import _RETRY_STATUS
@@ -40,18 +39,25 @@ class Answers:
         outcome, progress = self.outcomes[row], self.progress
         usage = data.get("usage")
         prompt_tokens = usage.get("prompt_tokens") if usage else None
+        cached_tokens = 0
         if prompt_tokens is None:  # no usage (some gateways, local servers): count our estimate, never zero
             prompt_tokens = self.cost(row) - self._reply_tokens
             completion_tokens = sum(estimate_text_tokens(t) for t in texts if isinstance(t, str))
             progress.usage_estimated += 1
         else:
             completion_tokens = usage.get("completion_tokens") or 0
+            details = usage.get("prompt_tokens_details")  # the provider's prompt cache: cheaper tokens
+            if details.__class__ is dict:
+                cached_tokens = details.get("cached_tokens") or 0
         outcome.prompt_tokens += prompt_tokens  # summed over attempts: a re-asked answer was paid for too
         outcome.completion_tokens += completion_tokens
         progress.prompt_tokens += prompt_tokens
         progress.completion_tokens += completion_tokens
+        if cached_tokens:
+            outcome.cached_tokens += cached_tokens
+            progress.cached_prompt_tokens += cached_tokens
         if self.settings.max_cost is not None:
-            self._spent += cost_of(self.model, prompt_tokens, completion_tokens, batch=self.batch) or 0.0
+            self._spent += self.price.cost(prompt_tokens, completion_tokens, cached_tokens, self.batch)
             if usage:  # learn how much more the endpoint counts than our estimate
                 ratio = prompt_tokens / max(1, self.cost(row) - self._reply_tokens)
                 if ratio > self._ratio:

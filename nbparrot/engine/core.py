@@ -32,7 +32,7 @@ from ..config import Endpoint
 from ..errors import BudgetExceededError, ConfigError, EndpointUnreachableError, FatalError
 from ..images.parts import MediaError, encode_messages, expand
 from ..outcomes import CANCELLED, PENDING, Outcome, Outcomes
-from ..pricing import Estimate, cost_of, price_of
+from ..pricing import Estimate, Price, known, preload, price_of
 from ..ratelimit import Pacer
 from ..structured import Schema
 from ..transport import TRANSIENT_ERRORS, ResponseTooLargeError, Transport
@@ -42,6 +42,9 @@ from .planning import Planning
 from .progress import Progress
 from .settings import EngineSettings, FAN_OUT, PAUSE_SHOWN
 from .words import _cannot_connect, _describe, cause
+
+
+_UNSET = object()  # the price is not looked up yet
 
 
 class Engine(Planning, Answers):
@@ -79,7 +82,12 @@ class Engine(Planning, Answers):
         self.cache, self._refresh = cache, refresh
         self.estimate: Estimate | None = None
         self.model = str(self.params.get("model", ""))
-        if self.settings.max_cost is not None and price_of(self.model) is None:
+        # looked up once per run (per model and endpoint), never per request: at once for a budget, else
+        # while planning (the price database loads in a thread meanwhile, see pricing.preload)
+        self._price: Price | None | object = _UNSET
+        if self.settings.max_cost is None and not known(self.model, endpoint.base_url):
+            preload()
+        elif self.settings.max_cost is not None and self.price is None:
             raise ConfigError(f"max_cost cannot be kept: the price of {self.model!r} is unknown; "
                               "set it with nbparrot.set_price(model, input=..., output=...)")
         self._keys = _Keys(0)  # row -> its cache key (filled while planning, when there is a cache or a batch)
@@ -121,6 +129,20 @@ class Engine(Planning, Answers):
         self._transport: Transport | None = None
 
     # ---- public -------------------------------------------------------------------------
+
+    @property
+    def price(self) -> Price | None:
+        """This run's price (None: unknown), looked up on first use."""
+        if self._price is _UNSET:
+            self._price = price_of(self.model, self.endpoint.base_url)
+        return self._price  # type: ignore[return-value]
+
+    def usd(self, prompt_tokens: float, completion_tokens: float, cached_tokens: float = 0) -> float | None:
+        """USD for these tokens at this run's price (Batch API rates for a batch), or None if it is unknown."""
+        if self._price is _UNSET and not (prompt_tokens or completion_tokens):
+            return 0.0  # nothing spent yet, while the prices may still be loading
+        price = self.price
+        return None if price is None else price.cost(prompt_tokens, completion_tokens, cached_tokens, self.batch)
 
     async def run(self) -> list[Outcome]:
         """Plan what is not planned yet (``prepare``), then send every row; returns the outcomes
@@ -199,9 +221,9 @@ class Engine(Planning, Answers):
         held_prompt, held_reply = self._committed.pop(row, (0, 0))  # a row waiting for its turn was booked already
         self._committed_prompt -= held_prompt
         self._committed_reply -= held_reply
-        ratio, model, batch = self._ratio, self.model, self.batch
-        in_flight = cost_of(model, self._committed_prompt * ratio, self._committed_reply, batch=batch) or 0.0
-        most = cost_of(model, prompt * ratio, reply, batch=batch) or 0.0
+        ratio, price, batch = self._ratio, self.price, self.batch
+        in_flight = price.cost(self._committed_prompt * ratio, self._committed_reply, 0, batch)
+        most = price.cost(prompt * ratio, reply, 0, batch)
         if self._spent + in_flight + most > budget:
             self.budget_stop = BudgetExceededError(
                 f"stopped at the budget: ${self._spent:,.4f} spent of max_cost=${budget:,.4f}, and the next request "

@@ -10,7 +10,7 @@ from typing import Any
 from ..cache import CachedAnswer, request_key
 from ..outcomes import OK
 from ..prepare import RenderError
-from ..pricing import Estimate, estimate
+from ..pricing import Estimate, estimate, known, preload
 from ..tokens import estimate_prompt_tokens
 from .columns import _Keys
 from .settings import LOOKUP_KEYS, PLAN_SLICE
@@ -46,6 +46,8 @@ class Planning:
             self.progress.started = loop.time()
         if self._planned:
             return self.estimate
+        if not known(self.model, self.endpoint.base_url):  # the price database, loading in a thread
+            await loop.run_in_executor(None, preload().wait)
         planner = self._planner = self._planner or self._plan_steps()
         reply = None
         try:
@@ -114,7 +116,8 @@ class Planning:
             sending += len(rows)
             prompt_tokens += sum(costs.get(k) for k in rows) - reply_tokens * len(rows)
         progress.note = None
-        self.estimate = estimate(self.model, sending, prompt_tokens, reply_tokens * sending, batch=self.batch)
+        self.estimate = estimate(self.model, sending, prompt_tokens, reply_tokens * sending, batch=self.batch,
+                                 base_url=self.endpoint.base_url)
         self._planned = True
 
     def _settle_cached(self, row: int, answer: CachedAnswer | None) -> bool:

@@ -13,8 +13,9 @@ class Progress:
     """
 
     __slots__ = ("total", "queued", "in_flight", "retrying", "done", "failed", "cancelled", "skipped",
-                 "cached", "requests", "rate_limited", "prompt_tokens", "completion_tokens", "usage_estimated",
-                 "started", "finished", "last_error", "retried", "last_retry", "note", "pause", "sent_at", "limits", "_listeners")
+                 "cached", "requests", "rate_limited", "prompt_tokens", "completion_tokens", "cached_prompt_tokens",
+                 "usage_estimated", "started", "finished", "last_error", "retried", "last_retry", "note", "pause",
+                 "sent_at", "limits", "_listeners")
 
     def __init__(self, total: int = 0):
         self.total = total
@@ -22,6 +23,7 @@ class Progress:
         self.in_flight = self.retrying = self.done = self.failed = self.cancelled = self.skipped = 0
         self.cached = self.requests = self.rate_limited = 0
         self.prompt_tokens = self.completion_tokens = 0
+        self.cached_prompt_tokens = 0  # of prompt_tokens, those the provider served from its prompt cache
         self.usage_estimated = 0  # answers that came without usage: their tokens are our estimate
         self.started: float | None = None
         self.finished: float | None = None

@@ -40,7 +40,7 @@ from ..engine import Engine
 from ..errors import ConfigError, LogprobsUnavailableError
 from ..outcomes import OK, PENDING, SKIPPED, Outcomes
 from ..prepare import RenderError
-from ..pricing import Estimate, cost_of, estimate, format_usd
+from ..pricing import Estimate, estimate, format_usd
 from ..staged import PlanEstimate, Staged, StagedRun, Work, launch_staged
 from ..tokens import estimate_prompt_tokens
 
@@ -428,7 +428,7 @@ class CascadeWork(Work):
             outcomes = engine.outcomes
             for k in outcomes.rows_with(OK):
                 o = outcomes[k]
-                usd = cost_of(engine.model, o.prompt_tokens, o.completion_tokens)
+                usd = engine.usd(o.prompt_tokens, o.completion_tokens, o.cached_tokens)  # the endpoint's price
                 if usd is None:
                     return {}
                 total += usd

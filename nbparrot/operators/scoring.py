@@ -34,7 +34,7 @@ from ..errors import ConfigError
 from ..options import CHAT, RUN, check_options, takes_options
 from ..outcomes import OK, Outcomes
 from ..prepare import prepare
-from ..pricing import cost_of, estimate, format_usd
+from ..pricing import estimate, format_usd
 from ..staged import PlanEstimate, Staged, StagedRun, Work, launch_staged
 from ..templates import Template
 from .decisions import classify_request, filter_request, normalize_labels
@@ -185,12 +185,12 @@ class ScoredRun(StagedRun):
             judge = plan.judging
             for j, r in enumerate(plan.judged):
                 o = judge.outcomes[j]
-                usd = cost_of(judge.model, o.prompt_tokens, o.completion_tokens)
+                usd = judge.usd(o.prompt_tokens, o.completion_tokens, o.cached_tokens)
                 judge_costs[r % k] = None if usd is None or judge_costs[r % k] is None else judge_costs[r % k] + usd
         rows = []
         for v in range(k):
             requests = range(v, len(outcomes), k)
-            costs = [cost_of(plan.model, outcomes[r].prompt_tokens, outcomes[r].completion_tokens)
+            costs = [plan.answers.usd(outcomes[r].prompt_tokens, outcomes[r].completion_tokens, outcomes[r].cached_tokens)
                      for r in requests if outcomes[r].status == OK]
             latencies = [outcomes[r].latency for r in requests if outcomes[r].latency is not None]
             correct = sum(1 for r in requests if verdicts and verdicts[r] is True)

@@ -19,6 +19,7 @@ from .config import ServerConfig, check_loopback
 from .embeddings import _EmbeddingsEndpoint
 from .files import _FileEndpoints, _StoredFile
 from .limits import _Bucket, _Gate, _Stats, _fault_bands
+from .promptcache import PromptCache
 from .prompts import _mask_key
 from .wire import _Reject
 
@@ -41,6 +42,7 @@ class _MockServer(_Gate, _ChatEndpoint, _EmbeddingsEndpoint, _FileEndpoints, _Ba
         self.serial = 0  # of file and batch ids
         self.files: dict[str, _StoredFile] = {}
         self.batches: dict[str, _Batch] = {}
+        self.prompt_cache = PromptCache()
 
     # ---- helpers
 
@@ -71,6 +73,8 @@ class _MockServer(_Gate, _ChatEndpoint, _EmbeddingsEndpoint, _FileEndpoints, _Ba
         if self.config.api_key is None:
             return None
         auth = request.headers.get("Authorization", "")
+        if "api-key" in request.headers and not auth:  # Azure's header
+            auth = "Bearer " + request.headers["api-key"]
         if not auth.startswith("Bearer ") or not auth[7:].strip():
             return ("You didn't provide an API key. You need to provide your API key in an Authorization header "
                     "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as the password field (with "
@@ -98,6 +102,10 @@ class _MockServer(_Gate, _ChatEndpoint, _EmbeddingsEndpoint, _FileEndpoints, _Ba
                     now: float) -> tuple[Any, Any, web.Response | None]:
         """The key checked, then the JSON body read and ``parse``d: ``(body, parsed, None)``, or the
         error response to send instead as ``(None, None, response)``."""
+        self.stats.last_request = _described(request)
+        if request.match_info.get("deployment") is not None and "api-version" not in request.query:
+            headers = {**self.limit_headers(now), **self.base_headers(started)}  # Azure's answer without a version
+            return None, None, self.error(404, "Resource not found", "invalid_request_error", "404", None, headers)
         auth_error = self.check_auth(request)
         if auth_error is not None:
             headers = {**self.limit_headers(now), **self.base_headers(started)}
@@ -136,6 +144,7 @@ class _MockServer(_Gate, _ChatEndpoint, _EmbeddingsEndpoint, _FileEndpoints, _Ba
     async def reset_stats(self, request: web.Request) -> web.Response:
         """POST /stats/reset: zero the counters and refill the rate-limit buckets (files and batches stay)."""
         self.stats = _Stats()
+        self.prompt_cache.clear()
         for bucket in (self.requests_bucket, self.tokens_bucket):
             if bucket is not None:
                 bucket.reset()
@@ -144,6 +153,18 @@ class _MockServer(_Gate, _ChatEndpoint, _EmbeddingsEndpoint, _FileEndpoints, _Ba
     async def health(self, request: web.Request) -> web.Response:
         """GET /health: liveness probe."""
         return web.Response(text="ok")
+
+
+_SECRET_HEADERS = frozenset({"authorization", "api-key", "cookie", "proxy-authorization"})
+
+
+def _described(request: web.Request) -> dict:
+    """What a test may check about a request's credentials and extras, without the secrets themselves."""
+    headers = request.headers
+    auth = headers.get("Authorization", "")
+    scheme = "api-key" if "api-key" in headers else auth.split(" ", 1)[0].lower() if auth else None
+    return {"auth": scheme, "query": dict(request.query), "path": request.path,
+            "headers": {k.lower(): v for k, v in headers.items() if k.lower() not in _SECRET_HEADERS}}
 
 
 _STATE_KEY = web.AppKey("nbparrot_mock", _MockServer)
@@ -158,6 +179,9 @@ def build_app(config: ServerConfig) -> web.Application:
     app.router.add_post("/v1/chat/completions", server.chat)
     app.router.add_post("/chat/completions", server.chat)
     app.router.add_post("/v1/embeddings", server.embeddings)
+    # Azure OpenAI's deployment routes (?api-version= required; the key may come in an api-key header)
+    app.router.add_post("/openai/deployments/{deployment}/chat/completions", server.chat)
+    app.router.add_post("/openai/deployments/{deployment}/embeddings", server.embeddings)
     app.router.add_post("/embeddings", server.embeddings)
     app.router.add_get("/v1/models", server.list_models)
     app.router.add_get("/models", server.list_models)

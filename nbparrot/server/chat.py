@@ -69,13 +69,13 @@ class _ChatRequest:
         self.marks = ""  # "[image:<tag>] ..." of the prompt's images and files, put before the echo
 
 
-def _usage(ptoks: int, ctoks: int) -> dict:
-    """The ``usage`` object of a chat completion."""
+def _usage(ptoks: int, ctoks: int, cached: int = 0) -> dict:
+    """The ``usage`` object of a chat completion (``cached``: prompt tokens from the prompt cache)."""
     return {
         "prompt_tokens": ptoks,
         "completion_tokens": ctoks,
         "total_tokens": ptoks + ctoks,
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
         "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
                                       "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
     }
@@ -338,7 +338,10 @@ class _ChatEndpoint:
 
         if HUGE_JUNK_MARKER in last_user:
             return await self.junk(request)
-        usage = _usage(ptoks, ctoks) if cfg.usage else None
+        cached = self.prompt_cache.cached_tokens(model, req.prompt_text, ptoks) if cfg.prompt_cache else 0
+        if cached and fault != "reset":
+            stats.cached_tokens += cached
+        usage = _usage(ptoks, ctoks, cached) if cfg.usage else None
         completion_id = f"chatcmpl-{tag}{self.counter:x}"
         created = int(time.time())
         headers = {**limit_headers, **self.base_headers(started)}

@@ -45,6 +45,7 @@ _FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("retry_after_429", float, "seconds the injected 429s ask to wait"),
     ("usage", _bool, "send a usage object in answers (false: none, as some gateways)"),
     ("usage_scale", float, "count prompt tokens this many times over (an endpoint whose tokenizer counts more)"),
+    ("prompt_cache", _bool, "report cached_tokens for repeated prompt prefixes of 1,024+ tokens, as OpenAI"),
     ("huge_bytes", int, "bytes of the answers the <<huge-answer>> and <<huge-junk>> markers ask for"),
     ("seed", int, "seed of the fault RNG"),
     ("json_schema", _bool, "accept response_format json_schema (false: 400, as older endpoints)"),

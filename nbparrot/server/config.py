@@ -105,6 +105,7 @@ class ServerConfig:
     retry_after_429: float = 1.0
     usage: bool = True  # False: answers carry no usage object, as some gateways and local servers
     usage_scale: float = 1.0  # prompt tokens are counted (reported and charged) this many times over
+    prompt_cache: bool = True  # report cached_tokens for repeated prompt prefixes of 1,024+ tokens (promptcache.py)
     huge_bytes: int = 64 * 1024 * 1024  # size of the answers asked for by the huge-answer / huge-junk markers
     retry_after: bool = True  # False: 429s carry no retry-after headers
     seed: int = 0  # faults are drawn from random.Random(seed)

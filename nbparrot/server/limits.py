@@ -76,6 +76,8 @@ class _Stats:
         self.peak_in_flight = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cached_tokens = 0  # prompt tokens answered as served from the prompt cache
+        self.last_request: dict = {}  # the last model request's auth scheme, query and other headers (no secrets)
         self.received: dict[str, int] = {}
         self.answered: dict[str, int] = {}
         self.models: dict[str, int] = {}  # chat answers per model (a cascade's requests per model)
@@ -102,6 +104,8 @@ class _Stats:
             "peak_in_flight": self.peak_in_flight,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
+            "cached_tokens": self.cached_tokens,
+            "last_request": self.last_request,
             "cpu_seconds": time.process_time(),
             "uptime_seconds": time.time() - self.started,
             "received": dict(self.received),

@@ -22,7 +22,7 @@ from ...errors import BudgetExceededError, FatalError, error_fields, fatal_error
 from ...errors import describe_error, redact_url
 from ...outcomes import CHUNK, FAILED, MASK, OK, PENDING, SHIFT, Outcomes
 from ...prepare import RenderError
-from ...pricing import cost_of, estimate
+from ...pricing import estimate
 from ...ratelimit import retry_after_seconds
 from ...tokens import estimate_text_tokens
 from ...transport import TRANSIENT_ERRORS, ResponseTooLargeError, Transport
@@ -87,11 +87,7 @@ class EmbedEngine(Engine):
 
     @property
     def url(self) -> str:
-        endpoint = self.endpoint
-        url = endpoint.base_url + "/embeddings"
-        if endpoint.azure and endpoint.api_version and "/deployments/" in endpoint.base_url:
-            url += f"?api-version={endpoint.api_version}"
-        return url
+        return self.endpoint.url("/embeddings")
 
     def vector(self, row: int) -> np.ndarray | None:
         """Row ``row``'s vector (a view), or None."""
@@ -164,7 +160,7 @@ class EmbedEngine(Engine):
         tokens = self._fold_twins(tokens_left)
         sending = len(self._pending)
         requests = max(math.ceil(sending / self.max_inputs), math.ceil(tokens / self.max_request_tokens))
-        self.estimate = estimate(self.model, requests, tokens, 0, batch=self.batch)
+        self.estimate = estimate(self.model, requests, tokens, 0, batch=self.batch, base_url=self.endpoint.base_url)
         self._planned = True
 
     def _fold_twins(self, tokens: int) -> int:
@@ -329,8 +325,7 @@ class EmbedEngine(Engine):
         first = pack.rows[0]
         held, _ = self._committed.pop(first, (0, 0))
         self._committed_prompt -= held
-        model, ratio = self.model, self._ratio
-        per_token = (cost_of(model, 1_000_000, 0, batch=self.batch) or 0.0) / 1e6 * ratio
+        per_token = self.price.cost(1_000_000, 0, 0, self.batch) / 1e6 * self._ratio
         left = budget - self._spent - self._committed_prompt * per_token
         if pack.tokens * per_token > left:
             costs, fits, total = self._costs._tokens, 0, 0
@@ -416,7 +411,7 @@ class EmbedEngine(Engine):
             progress.usage_estimated += len(rows)
         progress.prompt_tokens += tokens
         if self.settings.max_cost is not None:
-            self._spent += cost_of(self.model, tokens, 0, batch=self.batch) or 0.0
+            self._spent += self.price.cost(tokens, 0, 0, self.batch)
             ratio = tokens / max(1, pack.tokens)
             if ratio > self._ratio:
                 self._ratio = ratio
