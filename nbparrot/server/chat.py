@@ -1,6 +1,7 @@
 """Chat completions: request checks, the deterministic answer (shared with batch lines), streaming.
 
-Choice ``i`` of a text answer is ``[<tag>#<i>] <first 48 chars of the last user message> `` then
+Choice ``i`` of a text answer is ``[<tag>#<i>] <first 48 chars of the last user message> `` (with
+images or PDFs in the prompt, their marks ``[image:<image_tag>]`` come first, see :mod:`.media`) then
 lorem-ipsum filler up to the choice's completion tokens (4 characters a token); at temperature 0
 every choice is choice 0's answer. ``json_schema`` answers are instances of the schema
 (:mod:`.schema_faker`, written as UTF-8 JSON), and so are ``json_object`` answers to a prompt that
