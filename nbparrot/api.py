@@ -13,6 +13,7 @@ from .config import Endpoint, defaults, resolve_endpoint
 from .batch_api import BatchEngine
 from .engine import Engine, EngineSettings
 from .errors import ConfigError
+from .images.parts import MediaOptions, media_options
 from .panel import Silent, make_view
 from .pricing import format_usd
 from .results import ColumnSink, Shape
@@ -71,6 +72,18 @@ class RunSetup:
         return body
 
     @property
+    def media(self) -> MediaOptions:
+        """The ``images=``, ``detail=`` and ``max_image_px=`` options, checked."""
+        get = self.options.get
+        return media_options(get("images"), get("detail"), get("max_image_px"))
+
+    def text_only(self, what: str) -> None:
+        """Refuse the image options in a call that sends rows as text (``ConfigError``), rather than ignore them."""
+        given = [name for name in ("images", "detail", "max_image_px") if self.options.get(name) is not None]
+        if given:
+            raise ConfigError(f"{what} sends rows as text: {', '.join(given)} cannot be used with it")
+
+    @property
     def system(self) -> str | None:
         system = self.options.get("system")
         return system if system is not None else defaults.system
@@ -110,6 +123,7 @@ def resolve(options: dict[str, Any]) -> RunSetup:
         raise ConfigError(f"cache must be one of {', '.join(CACHE_MODES)} (or True / False), not {cache_mode!r}")
     if get("mode", "live") not in ("live", "batch"):
         raise ConfigError(f"mode must be 'live' or 'batch', not {get('mode')!r}")
+    media_options(get("images"), get("detail"), get("max_image_px"))  # checked before anything else is done
     if get("on_missing", "skip") not in MISSING_POLICIES:
         raise ConfigError(f"on_missing must be one of {', '.join(MISSING_POLICIES)}, not {get('on_missing')!r}")
     cache = None if cache_mode == "off" else open_cache(get("cache_dir"))
@@ -180,7 +194,7 @@ def map(  # noqa: A001 - the name users expect, as in pandas' Series.map
     setup = resolve(options)  # every argument is checked before the rows are rendered
     body = setup.chat_body(n=n)
     parsed_schema = Schema(schema) if schema is not None else None
-    prepared = prepare(data, template, system=setup.system, on_missing=options["on_missing"])
+    prepared = prepare(data, template, system=setup.system, on_missing=options["on_missing"], media=setup.media)
     if into is not None:
         if prepared.frame is None:
             raise ConfigError("into= fills a DataFrame column; data is a list of dicts")

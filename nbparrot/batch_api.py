@@ -17,7 +17,8 @@ text kept.
 A batch is planned (every row rendered, keyed, looked up in the cache and costed) before
 ``map`` returns, in a notebook too: its ``max_cost`` check needs the whole estimate, and the
 JSONL files hold every line at once anyway. Batch mode is not built for a million rows in
-one kernel the way a live run is.
+one kernel the way a live run is. With images, each line is built once to size it and again
+when its file is uploaded, so no more than one file's images (200 MB) are held encoded.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import aiohttp
 from .engine import FAILED, OK, Engine
 from .engine.words import cause, status_cause
 from .errors import FatalError, describe_error, error_fields, fatal_error
+from .images.parts import MediaError
 from .transport import TRANSIENT_ERRORS
 
 __all__ = ["BatchEngine"]
@@ -89,24 +91,50 @@ class BatchEngine(Engine):
 
     # ---- submitting ---------------------------------------------------------------------
 
-    def _lines(self, rows: list[int]) -> list[tuple[int, bytes]]:
-        """One JSONL line per row, with a ``custom_id`` that is stable across reruns: row and request key."""
-        lines = []
+    def _jsonl(self, row: int) -> bytes:
+        """Row ``row``'s JSONL line, with a ``custom_id`` that is stable across reruns: row and request key
+        (``MediaError`` for an image that cannot be read or sent)."""
+        custom_id = f"{row}-{self._keys[row][:16]}"
+        body = {**self.params, "messages": self._messages(row)}
+        self._ids[custom_id] = row
+        return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+                           "body": body}).encode()
+
+    def _lines(self, rows: list[int]) -> list[tuple[int, bytes | int]]:
+        """Each row's line; with images only its size (lines are built again file by file, so no more than
+        one file's images are held encoded). A row whose image cannot be sent fails; the others go."""
+        lines: list[tuple[int, bytes | int]] = []
         for row in rows:
-            key = self._keys[row]
-            custom_id = f"{row}-{key[:16]}"
-            self._ids[custom_id] = row
-            body = {**self.params, "messages": self._messages(row)}
-            lines.append((row, json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
-                                           "body": body}).encode()))
+            try:
+                line = self._jsonl(row)
+            except MediaError as exc:
+                self._fail(row, str(exc))
+                continue
+            lines.append((row, len(line) if self._media else line))
         return lines
 
+    def _file(self, chunk: list[tuple[int, bytes | int]]) -> bytes:
+        """A batch file's content: its lines (built again for rows with images)."""
+        lines = []
+        for row, line in chunk:
+            if isinstance(line, int):
+                try:
+                    line = self._jsonl(row)
+                except MediaError as exc:  # gone since it was sized: that row fails (its result is not awaited)
+                    self._fail(row, str(exc))
+                    continue
+            lines.append(line)
+        return b"\n".join(lines) + b"\n"
+
     async def _submit_or_reattach(self, rows: list[int]) -> None:
-        chunks = _split(self._lines(rows), self.max_lines, self.max_bytes)
+        lines = self._lines(rows)
+        if not lines:  # every row failed before sending (images that cannot be read)
+            return
+        chunks = _split(lines, self.max_lines, self.max_bytes)
         self._job = hashlib.sha256("\n".join([self.endpoint.base_url, *self._ids]).encode()).hexdigest()
         progress = self.progress
         progress.queued = 0
-        progress.in_flight = len(rows)
+        progress.in_flight = len(lines)
         if self.cache is not None:
             known = self.cache.job_batches(self._job)
             live = []
@@ -124,7 +152,7 @@ class BatchEngine(Engine):
             progress.note = f"uploading batch file {k + 1} ({len(chunk):,} requests)"
             data = aiohttp.FormData()
             data.add_field("purpose", "batch")
-            data.add_field("file", b"\n".join(line for _, line in chunk) + b"\n",
+            data.add_field("file", self._file(chunk),
                            filename=f"nbparrot-{self._job[:12]}-{k + 1}.jsonl", content_type="application/jsonl")
             file = await self._send("POST", "/files", data=data)
             batch = await self._send("POST", "/batches", json={
@@ -257,14 +285,15 @@ class _Transient(Exception):
         self.cause = cause
 
 
-def _split(lines: list[tuple[int, bytes]], max_lines: int, max_bytes: int) -> list[list[tuple[int, bytes]]]:
-    """Cut the (row, JSONL line) pairs into files within the line and size limits."""
-    chunks: list[list[tuple[int, bytes]]] = [[]]
+def _split(lines: list[tuple[int, bytes | int]], max_lines: int, max_bytes: int) -> list[list[tuple[int, bytes | int]]]:
+    """Cut the (row, JSONL line or its size) pairs into files within the line and size limits."""
+    chunks: list[list[tuple[int, bytes | int]]] = [[]]
     size = 0
     for row, line in lines:
-        if chunks[-1] and (len(chunks[-1]) >= max_lines or size + len(line) + 1 > max_bytes):
+        length = line if isinstance(line, int) else len(line)
+        if chunks[-1] and (len(chunks[-1]) >= max_lines or size + length + 1 > max_bytes):
             chunks.append([])
             size = 0
         chunks[-1].append((row, line))
-        size += len(line) + 1
+        size += length + 1
     return chunks

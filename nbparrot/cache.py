@@ -55,7 +55,8 @@ _IDLE_SECONDS = 5.0  # the writer thread exits after this long without work (res
 _CHECKPOINT_PAGES = 10_000  # the writer's WAL checkpoint interval (SQLite's default is 1,000)
 _CHUNK = 500  # keys per SELECT ... IN (...), well under SQLite's variable limit (999 before 3.32)
 
-_KEY_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+_KEY_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                                default=lambda part: part.key())  # an image part: its content's digest
 _VALUE_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _ASCII_ENCODER = json.JSONEncoder(separators=(",", ":"))  # for text SQLite cannot take as UTF-8
 _DECODER = json.JSONDecoder()

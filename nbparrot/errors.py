@@ -55,6 +55,10 @@ class TemplateError(NbparrotError, ValueError):
     """A template that cannot be rendered against the data (found before any request)."""
 
 
+class RenderError(ValueError):
+    """A row whose values cannot be rendered (text, or an image or file); the message names the column."""
+
+
 class FatalError(NbparrotError):
     """The endpoint gave an answer that stops the whole run (bad key, unknown model, no quota).
 

@@ -36,6 +36,9 @@ from .operators import decisions, scoring
 from .cache import CachedAnswer, request_key
 from .config import configure, defaults, resolve_endpoint
 from .errors import NbparrotError
+from .images.parts import MediaError, expand, is_media, media_options
+from .images.thumbs import row_thumbnails
+from .prepare import prepare
 from . import look
 
 from .headless import in_background, kernel_shell, run_coroutine
@@ -84,6 +87,9 @@ class NbparrotMagics(Magics):
     @argument("--batch", action="store_true", help="with --over: send through the OpenAI Batch API (half price)")
     @argument("--filter", action="store_true", help="with --over: the cell is a predicate; keep the rows it is true of")
     @argument("--classify", metavar="LABELS", help="with --over: one of these comma-separated labels per row")
+    @argument("--images", metavar="NAMES", help="comma-separated variables (or columns) holding image paths/URLs; "
+              "PIL images, arrays and bytes are found without it")
+    @argument("--detail", choices=("auto", "low", "high"), help="image detail")
     @argument("--expect", metavar="COLUMN", help="with --over: score each variant against this column (accuracy, cost, latency)")
     @argument("command", nargs="*", help="line form: status | cancel [ID|all] | cost | models | cache info|clear")
     @no_var_expand  # {name} fields are ours to fill, from the cell body only
@@ -168,6 +174,18 @@ class NbparrotMagics(Magics):
             if len(variants) > 1:
                 _show_comparison_when_done(run, variants)
             return None
+        media = _media_names(args, variants, ns)
+        if media:  # images in the prompt: a one-record template, its images read and sent as content parts
+            record = {f: ns[f] for v in variants for f in Template(v).fields}
+            if len(variants) > 1:
+                run = api.map([record], variants, **self._options(args, schema))
+                if args.output:
+                    ns[args.output] = run
+                _show_comparison_when_done(run, variants)
+                return None
+            options = self._options(args, schema)
+            prepared = prepare([record], variants[0], media=media_options(options.get("images"), args.detail))
+            return self._single(args, prepared.render(0)[0]["content"], schema)
         rendered = [_render(v, ns) for v in variants]
         if len(rendered) > 1:  # compare variants on the one prompt: a one-row run with a template each
             escaped = [r.replace("{", "{{").replace("}", "}}") for r in rendered]
@@ -200,6 +218,10 @@ class NbparrotMagics(Magics):
             options["cache"] = "refresh"
         if args.batch:
             options["mode"] = "batch"
+        if args.images:
+            options["images"] = [name.strip() for name in args.images.split(",") if name.strip()]
+        if args.detail:
+            options["detail"] = args.detail
         return options
 
     def _schema(self, args: argparse.Namespace, ns: dict) -> Any:
@@ -224,8 +246,8 @@ class NbparrotMagics(Magics):
                 frame = frame.sample(n=args.sample, random_state=0).sort_index(kind="stable")
         return frame
 
-    def _single(self, args: argparse.Namespace, prompt: str, schema: Any) -> None:
-        """One prompt: stream the answer into the output; bind ``-o`` when it ends."""
+    def _single(self, args: argparse.Namespace, prompt: str | list, schema: Any) -> None:
+        """One prompt (text, or content parts with images): stream the answer into the output; bind ``-o`` when it ends."""
         model = args.model or defaults.model
         endpoint = resolve_endpoint(args.base_url, model=model)
         system = args.system if args.system is not None else defaults.system
@@ -241,9 +263,13 @@ class NbparrotMagics(Magics):
         elif args.json:
             body["response_format"] = {"type": "json_object"}
         body["messages"] = messages
+        try:
+            key = request_key(endpoint.base_url, body)  # an image's key is the digest of its bytes
+            body["messages"] = expand(messages)
+        except MediaError as exc:
+            raise UsageError(f"%%llm: {exc}") from None
         view = _StreamView(args.n)
         cache = api.open_cache() if defaults.cache != "off" else None
-        key = request_key(endpoint.base_url, body)
         if cache is not None and not args.no_cache:
             hit = cache.get_many([key]).get(key)
             if hit is not None:
@@ -404,6 +430,20 @@ def _markdown(text: str) -> dict[str, str]:
     return {"text/markdown": text, "text/plain": text}
 
 
+def _media_names(args: argparse.Namespace, variants: list[str], ns: dict) -> list[str]:
+    """The prompt's fields that are images: named with --images, or bytes / PIL images / arrays."""
+    named = [name.strip() for name in (args.images or "").split(",") if name.strip()]
+    fields = []
+    for variant in variants:
+        try:
+            template = Template(variant)
+            template.check((k for k in ns if not k.startswith("_")), what="notebook's variables")
+        except NbparrotError as exc:
+            raise UsageError(f"%%llm: {exc}") from None
+        fields += [f for f in template.fields if f in named or is_media(ns[f])]
+    return list(dict.fromkeys(fields))
+
+
 def _render(text: str, ns: dict) -> str:
     """Fill ``{name}`` fields from the notebook's variables (plain names only), before any request."""
     try:
@@ -448,7 +488,8 @@ def comparison_html(run: Run, variants: list[str]) -> str:
         prompts.append(f"<code>{html.escape(variants[v][:200])}</code>")
     body = [prompts, usage]
     for r in range(rows):
-        body.append([html.escape(str(labels[r])), *(_answer_cell(run.outcomes[r * k + v]) for v in range(k))])
+        body.append([row_thumbnails(run.prepared, r * k) + html.escape(str(labels[r])),
+                     *(_answer_cell(run.outcomes[r * k + v]) for v in range(k))])
     return look.table("nbparrot-compare", ["", *(f"variant {v + 1}" for v in range(k))], body, escape=False)
 
 

@@ -60,6 +60,11 @@ CHAT: tuple[Option, ...] = (
     Option("temperature", None, "float | None", "sampling temperature"),
     Option("params", None, "Mapping | None", "any other body field (top_p, seed, stop, ...)"),
     Option("max_reasks", 2, "int", "re-asks after an answer that does not match the expected shape"),
+    Option("images", None, "str | list[str] | None", "columns holding images or PDFs (paths, URLs, bytes, PIL, arrays); "
+           "bytes, PIL images and arrays are found without it"),
+    Option("detail", None, "str | None", "image detail: 'auto' (default), 'low' or 'high'"),
+    Option("max_image_px", None, "int | None", "scale larger images down to this long side before sending "
+           "(default 2048, 512 with detail='low')"),
 )
 
 #: The OpenAI Batch API instead of live requests (half price, minutes to hours).

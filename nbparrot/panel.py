@@ -25,6 +25,7 @@ from . import look
 from .engine.words import retries_text
 from .pace import Pace, format_eta
 from .headless import kernel_shell
+from .images.thumbs import row_thumbnails
 from .pricing import cached_share, format_usd
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -520,7 +521,7 @@ def _preview_html(run: "Run", rows: int = 5, width: int = 160) -> str:
             shown = look.error(shown)
         elif outcome.cached:
             shown += " " + look.muted("· cached", "nbparrot-cached")
-        out.append([html.escape(_fit(prompt, width)), shown])
+        out.append([row_thumbnails(run.prepared, k) + html.escape(_fit(prompt, width)), shown])
         tips.append([_fit(prompt, 2000) if len(prompt) > width else "", _fit(answer, 2000) if len(answer) > width else ""])
     if not out:
         return ""

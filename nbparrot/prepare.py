@@ -20,6 +20,10 @@ refuses the whole batch. A value that cannot be rendered (its ``str()`` raises, 
 lone surrogate, which is not valid text and cannot be sent as UTF-8) makes ``render`` raise
 ``RenderError`` naming the column: the engine fails that row alone.
 
+Fields holding images or documents (named with ``images=``, or bytes / PIL images / arrays, see
+``_media_fields``) render as content parts: the text around them, and a ``MediaPart`` per image
+that reads nothing until the engine asks for its key, its tokens or its bytes (``nbparrot.images``).
+
 For a list of dicts the first ``CHECK_NOW`` records are checked at once (each a mapping with
 every field); later records are checked as their block is first rendered, which raises the
 same errors (before any request: the engine renders every row while planning).
@@ -31,7 +35,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from .errors import ConfigError, TemplateError
+from .errors import ConfigError, RenderError, TemplateError
+from .images.parts import MediaOptions, MediaPart, is_media
 from .templates import Template, is_missing
 
 __all__ = ["Prepared", "RenderError", "prepare", "MISSING_POLICIES"]
@@ -41,10 +46,6 @@ BLOCK_SHIFT = 10
 BLOCK = 1 << BLOCK_SHIFT  # rows of column values fetched at a time
 KEEP_BLOCKS = 4  # blocks kept: the one being planned or sent, and a few for retries of older rows
 CHECK_NOW = 1024  # records of a list of dicts checked before prepare returns
-
-
-class RenderError(ValueError):
-    """A row whose values cannot be rendered as text; the message names the column."""
 
 
 @dataclass
@@ -64,6 +65,10 @@ class Prepared:
     _blocks: dict[int, tuple[dict[str, list], dict[str, list | None]]] = field(default_factory=dict)
     _current: tuple[int, Any] = (-1, None)  # the block last used: (number, (values, missing))
     _checked: int = 0  # records checked so far (a list of dicts)
+    media: frozenset = frozenset()  # fields holding images or documents (see nbparrot.images)
+    media_options: MediaOptions = field(default_factory=MediaOptions)
+    # per variant, per message: None, or (text format, media field or None) pieces when it holds media
+    _segments: list[list[list[tuple[str, str | None]] | None]] = field(default_factory=list)
 
     @property
     def variants(self) -> int:
@@ -107,6 +112,7 @@ class Prepared:
         row, variant = divmod(request, self.variants) if len(self._variants) > 1 else (request, 0)
         names = self._fields[variant]
         texts: dict[str, str] = {}
+        media = self.media
         if names:
             number, block = self._current
             values, missing = block if number == row >> BLOCK_SHIFT else self._block(row)
@@ -120,13 +126,48 @@ class Prepared:
             for name in names:
                 if name not in texts:
                     value = values[name][j]
-                    texts[name] = value if type(value) is str and value.isascii() else _text(value, name)
+                    if media and name in media:
+                        texts[name] = MediaPart(value, name, self.media_options)  # type: ignore[assignment]
+                    else:
+                        texts[name] = value if type(value) is str and value.isascii() else _text(value, name)
         elif self.records is not None and row >= self._checked:
             self._block(row)  # checks the records
+        if media:
+            return self._with_media(variant, texts)
         # str.format_map fills a checked template (plain {name} fields only) exactly as Template.render
         # does, in C; a value is inserted as text and never read again as template syntax.
         return [{"role": role, "content": text.format_map(texts) if text is not None else literal}
                 for role, text, literal in self._messages[variant]]
+
+    def _with_media(self, variant: int, values: dict[str, Any]) -> list[dict]:
+        """The messages of a variant whose templates use media fields: content parts, text and ``MediaPart``."""
+        out = []
+        texts = {name: ("" if isinstance(v, MediaPart) else v) for name, v in values.items()}
+        for (role, text, literal), pieces in zip(self._messages[variant], self._segments[variant]):
+            if pieces is None:
+                out.append({"role": role, "content": text.format_map(texts) if text is not None else literal})
+                continue
+            content: list = []
+            for piece, name in pieces:
+                chunk = piece.format_map(texts) if piece else ""
+                if chunk.strip():
+                    content.append({"type": "text", "text": chunk})
+                part = values.get(name) if name is not None else None
+                if isinstance(part, MediaPart):
+                    content.append(part)
+            out.append({"role": role, "content": content})
+        return out
+
+    def media_parts(self, request: int) -> list[MediaPart]:
+        """The images / documents of a request, for thumbnails (none if it cannot be rendered)."""
+        if not self.media:
+            return []
+        try:
+            prompt = self.render(request)
+        except (RenderError, TemplateError, ConfigError):
+            return []
+        return [part for message in prompt or () if isinstance(message.get("content"), list)
+                for part in message["content"] if isinstance(part, MediaPart)]
 
     def skip_reason(self, request: int) -> str:
         """Why ``render`` skipped a request."""
@@ -149,8 +190,8 @@ class Prepared:
             return None
         for message in reversed(prompt):
             if message.get("role") == "user":
-                return message.get("content")
-        return prompt[-1].get("content")
+                return _shown(message.get("content"))
+        return _shown(prompt[-1].get("content"))
 
     def _block(self, row: int) -> tuple[dict[str, list], dict[str, list]]:
         """The values and missing flags of the used columns for the block holding ``row``."""
@@ -187,11 +228,21 @@ class Prepared:
         return list(dict.fromkeys(f for names in self._fields for f in names))
 
 
+def _shown(content: Any) -> Any:
+    """A message's content as text for previews: content parts joined, an image as ``[its name]``."""
+    if not isinstance(content, list):
+        return content
+    return "".join(part.get("text", "") if isinstance(part, dict) else f"[{part.label()}]" for part in content)
+
+
 def _text(value: Any, name: str) -> str:
     """``value`` as text to put in a prompt, or ``RenderError`` saying why it cannot be."""
     if isinstance(value, str):
         text = value
     else:
+        if is_media(value):
+            raise RenderError(f"cannot render row: {name!r} holds a {type(value).__name__} (an image?) in this row "
+                              f"while its first values are not images; name the column in images=[{name!r}]")
         try:
             text = str(value)
         except Exception as exc:  # noqa: BLE001 - any failure of a user's __str__ is this row's error
@@ -264,11 +315,12 @@ def _message_templates(template: str | Sequence[Mapping[str, str]], system: str 
 
 
 def prepare(data: Any, template: str | Sequence[Mapping[str, str]], *, system: str | None = None,
-            on_missing: str = "skip") -> Prepared:
+            on_missing: str = "skip", media: MediaOptions | None = None) -> Prepared:
     """Check the template against the data and return a ``Prepared`` that renders rows on demand.
 
     Raises ``TemplateError`` / ``ConfigError`` before any request (see the module docstring
-    for what is checked now and what as rows are rendered).
+    for what is checked now and what as rows are rendered). ``media`` names the fields holding
+    images or documents (others are found by their values' type, see ``_media_fields``).
     """
     if on_missing not in MISSING_POLICIES:
         raise ConfigError(f"on_missing must be one of {', '.join(MISSING_POLICIES)}, not {on_missing!r}")
@@ -306,14 +358,64 @@ def prepare(data: Any, template: str | Sequence[Mapping[str, str]], *, system: s
         raise ConfigError(f"data must be a pandas DataFrame or a list of dicts, not {type(data).__name__}")
 
     prepared.on_missing = on_missing
+    prepared.media_options = media = media or MediaOptions()
+    prepared.media = _media_fields(prepared, fields, media)
     prepared._variants = variants
     prepared._fields = [list(dict.fromkeys(f for _, t in variant for f in t.fields)) for variant in variants]
     prepared._messages = [[(role, t.text if t.fields else None, t.render({}) if not t.fields else "")
                            for role, t in variant] for variant in variants]
+    prepared._segments = [[_segments(t, prepared.media) for _, t in variant] for variant in variants]
     several = not isinstance(template, str) and all(isinstance(t, str) for t in template)
     prepared.templates = ([template] if isinstance(template, str) else list(template) if several
                           else [json.dumps(list(map(dict, template)))])
     return prepared
+
+
+def _media_fields(prepared: Prepared, fields: list[str], media: MediaOptions) -> frozenset:
+    """The template's fields that hold images or documents: those named in ``images=`` (which must be
+    columns), and those whose first non-missing value is bytes, a PIL image or a 2-D/3-D array.
+    Strings and paths are never guessed at: they are images only when named."""
+    if prepared.frame is not None:
+        have = {str(c) for c in prepared.frame.columns}
+    else:
+        have = {str(k) for r in prepared.records[:CHECK_NOW] for k in r} if prepared.records else set()
+    unknown = [c for c in media.columns if c not in have]
+    if unknown and (prepared.frame is not None or prepared.records):
+        raise ConfigError(f"images= names {', '.join(map(repr, unknown))}, not among the columns: "
+                          f"{', '.join(sorted(have)[:40])}")
+    found = {f for f in fields if f in media.columns}
+    for f in fields:
+        if f in found:
+            continue
+        if prepared.frame is not None:
+            column = prepared._columns[f]
+            if column.dtype != object:
+                continue
+            head = column.iloc[:64].tolist()
+        else:
+            head = [r.get(f) for r in prepared.records[:64]]
+        first = next((v for v in head if not is_missing(v)), None)
+        if first is not None and is_media(first):
+            found.add(f)
+    return frozenset(found)
+
+
+def _segments(template: Template, media: frozenset) -> list[tuple[str, str | None]] | None:
+    """A template cut at its media fields: (format text of what comes before, the media field), ending
+    with (the rest, None); None when it uses no media field."""
+    if not media or not media.intersection(template.fields):
+        return None
+    pieces: list[tuple[str, str | None]] = []
+    current = ""
+    for literal, name in zip(template._literals, template._names):
+        current += literal.replace("{", "{{").replace("}", "}}")
+        if name in media:
+            pieces.append((current, name))
+            current = ""
+        else:
+            current += "{" + name + "}"
+    pieces.append((current + template._literals[-1].replace("{", "{{").replace("}", "}}"), None))
+    return pieces
 
 
 def _refuse_missing(prepared: Prepared, bad_rows: list[int]) -> None:

@@ -27,16 +27,18 @@ def estimate_text_tokens(text: str) -> int:
     return (size + 3) // 4
 
 
-def estimate_prompt_tokens(messages: Iterable[Mapping[str, object]]) -> int:
-    """Estimated prompt tokens of a chat request's messages."""
+def estimate_prompt_tokens(messages: Iterable[Mapping[str, object]], model: str = "") -> int:
+    """Estimated prompt tokens of a chat request's messages; an image or PDF part (a
+    ``nbparrot.images.MediaPart``) counts its own tokens for ``model``."""
     total = PER_REPLY
     for message in messages:
         content = message.get("content")
         if isinstance(content, str):
             total += PER_MESSAGE + estimate_text_tokens(content)
-        elif isinstance(content, list):  # content parts: count the text ones
+        elif isinstance(content, list):  # content parts: text, and images that know their tokens
             total += PER_MESSAGE + sum(
-                estimate_text_tokens(part.get("text", "")) for part in content if isinstance(part, dict)
+                estimate_text_tokens(part.get("text", "")) if isinstance(part, dict) else part.tokens(model)
+                for part in content
             )
         else:
             total += PER_MESSAGE

@@ -135,7 +135,11 @@ class Answers:
         if status in _RETRY_STATUS or status >= 500:
             return self._retry(row, f"{status} {message or 'server error'}".strip(), status_cause(status))
         self._open()  # the endpoint took the key and the model: this row's request is at fault
-        return self._fail(row, describe_error(status, message, code))
+        reason = describe_error(status, message, code)
+        if self._media and status in (400, 415, 422):
+            reason += (" — this request carries images or PDFs as content parts: not every endpoint takes them "
+                       "(PDFs go as 'file' parts, which OpenAI's chat completions takes; many compatible servers do not)")
+        return self._fail(row, reason)
 
     def _switch_and_resend(self, row: int) -> None:
         """After changing the shared parameters, re-encode them and send the row again."""

@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 from ..cache import Cache
 from ..config import Endpoint
 from ..errors import BudgetExceededError, ConfigError, EndpointUnreachableError, FatalError
+from ..images.parts import MediaError, encode_messages, expand
 from ..outcomes import CANCELLED, PENDING, Outcome, Outcomes
 from ..pricing import Estimate, Price, known, preload, price_of
 from ..ratelimit import Pacer
@@ -106,6 +107,7 @@ class Engine(Planning, Answers):
         self._n = int(self.params.get("n") or 1)
         self._reply_tokens = self._n * int(self.params.get("max_tokens") or self.params.get("max_completion_tokens") or 0)
         self._prefix = self._encode_prefix()
+        self._media = bool(getattr(self.source, "media", None))  # rows hold images / documents, encoded when sent
         self._version = 0  # bumped when the shared parameters change mid-run (see _switch_and_resend)
         self._pending = _Queue()
         self._tasks: dict[asyncio.Task, int] = {}  # attempt in flight -> its row
@@ -349,6 +351,17 @@ class Engine(Planning, Answers):
     async def _attempt(self, row: int, mark: tuple[float, float, float]) -> None:
         loop, progress = self._loop, self.progress
         outcome = self.outcomes[row]
+        try:
+            messages = self._messages(row, wire=False)
+            if self._media:  # read, scale and base64 in a thread: a photo's decode must not stall the loop
+                body = await loop.run_in_executor(None, encode_messages, messages, self._prefix, b"}")
+            else:
+                body = b"".join((self._prefix, json.dumps(messages).encode(), b"}"))
+            del messages
+        except MediaError as exc:  # an image that cannot be read, or is too large even scaled down: nothing sent
+            self._release(row)
+            self._fail(row, str(exc))
+            return
         if outcome.attempts == 0:
             progress.queued -= 1
         outcome.attempts += 1
@@ -358,7 +371,6 @@ class Engine(Planning, Answers):
         if progress._listeners:
             progress.emit("sent", row)
         version = self._version
-        body = b"".join((self._prefix, json.dumps(self._messages(row)).encode(), b"}"))
         try:
             status, headers, raw = await self._transport.post(body)
         except TRANSIENT_ERRORS as exc:
@@ -371,10 +383,7 @@ class Engine(Planning, Answers):
         finally:
             progress.in_flight -= 1
             progress.sent_at.pop(row, None)
-            if self._committed:
-                held_prompt, held_reply = self._committed.pop(row, (0, 0))
-                self._committed_prompt -= held_prompt
-                self._committed_reply -= held_reply
+            self._release(row)
         now = loop.time()
         self._heard = True
         self.pacer.observe(headers, mark, now)
@@ -387,12 +396,22 @@ class Engine(Planning, Answers):
             return
         self._error(row, status, headers, raw, version)
 
-    def _messages(self, row: int) -> list:
+    def _release(self, row: int) -> None:
+        """Give back the budget booked for a row's attempt."""
+        if self._committed:
+            held_prompt, held_reply = self._committed.pop(row, (0, 0))
+            self._committed_prompt -= held_prompt
+            self._committed_reply -= held_reply
+
+    def _messages(self, row: int, wire: bool = True) -> list:
+        """Row ``row``'s messages; ``wire``: as sent, images read and encoded now (``MediaError`` if they cannot be)."""
         messages = self.source.render(row)  # rendered again here: planning kept only its key and cost
         if self._preamble:
             messages = self._preamble + messages
         extra = self._extra.get(row)
-        return messages + extra if extra else messages
+        if extra:
+            messages = messages + extra
+        return expand(messages) if wire and self._media else messages
 
     def _encode_prefix(self) -> bytes:
         """The shared part of every body, encoded once: ``{...params, "messages": ``."""

@@ -79,27 +79,28 @@ class Planning:
         keyed = self.cache is not None or self.batch  # a batch names its lines by these keys too
         lookup = self.cache is not None and not self._refresh
         keys = self._keys = _Keys(n if keyed else 0)
-        base, params = self.endpoint.base_url, self.params
+        base, params, model = self.endpoint.base_url, self.params, self.model
         opened = self.cache is None
+        every = 0 if getattr(source, "media", None) else 63  # rows between clock checks: an image row may take ms
         sending = prompt_tokens = 0
         row = 0
         while row < n:
             progress.note = f"preparing: {row:,} of {n:,} rows"
             end = clock() + PLAN_SLICE
             rows = []
-            while row < n and (row & 63 or clock() < end):
+            while row < n and (row & every or clock() < end):
                 k, row = row, row + 1
                 try:
                     messages = render(k)
-                except RenderError as exc:
+                    if messages is None:
+                        self._settle_skipped(k)
+                        continue
+                    if keyed:  # before the cost: an image's bytes, read to hash them, also give its size
+                        keys[k] = request_key(base, {**params, "messages": messages})
+                    costs[k] = estimate_prompt_tokens(messages, model) + reply_tokens
+                except RenderError as exc:  # a value that cannot be rendered, an image that cannot be read
                     self._settle_unsendable(k, str(exc))
                     continue
-                if messages is None:
-                    self._settle_skipped(k)
-                    continue
-                costs[k] = estimate_prompt_tokens(messages) + reply_tokens
-                if keyed:
-                    keys[k] = request_key(base, {**params, "messages": messages})
                 rows.append(k)
             if rows and not opened and not lookup:
                 opened = True
@@ -147,7 +148,7 @@ class Planning:
         """Tokens a row's request is budgeted at: prompt estimate + n x max_tokens (memoised per row)."""
         tokens = self._costs.get(row)
         if tokens is None:
-            tokens = self._costs[row] = estimate_prompt_tokens(self._messages(row)) + self._reply_tokens
+            tokens = self._costs[row] = estimate_prompt_tokens(self._messages(row, wire=False), self.model) + self._reply_tokens
         return tokens
 
     # ---- dispatch -----------------------------------------------------------------------

@@ -118,7 +118,8 @@ def filter(data: Any, predicate: str | Sequence[Mapping[str, str]], *, mask: boo
     spec = check_cascade(cascade, target, cascade_sample, options)
     setup = api.resolve(options)
     system, schema = filter_request(setup.system)
-    prepared = prepare(data, predicate, system=system, on_missing=options["on_missing"])
+    prepared = prepare(data, predicate, system=system, on_missing=options["on_missing"],
+                       media=setup.media)
     shape, label = _FilterShape(mask, options["meta"], name), f"filter: {prepared.templates[0]}"
     if spec is not None:
         return launch_cascade(setup, prepared, setup.chat_body(), shape, spec=spec, schema=schema, field="answer",
@@ -260,7 +261,8 @@ def classify(data: Any, template: str | Sequence[Mapping[str, str]], labels: Any
     if confidence:
         body["logprobs"] = True  # no top_logprobs: the chosen label's own tokens are all it reads (4x smaller answers)
         extract = _read_confidence
-    prepared = prepare(data, template, system=system, on_missing=options["on_missing"])
+    prepared = prepare(data, template, system=system, on_missing=options["on_missing"],
+                       media=setup.media)
     shape = _ClassifyShape(names, multi, confidence, options["meta"], name)
     label = f"classify into {len(names)} labels: {prepared.templates[0]}"
     if spec is not None:

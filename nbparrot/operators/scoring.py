@@ -276,7 +276,7 @@ def compare(data: Any, variants: str | Sequence[str], *, expect: str, task: str 
     else:
         system, schema = setup.system, None
     prepared = prepare(frame, templates if len(templates) > 1 else templates[0], system=system,
-                       on_missing=options["on_missing"])
+                       on_missing=options["on_missing"], media=setup.media)
     body = setup.chat_body()
     judge_body = judge_system = judge_schema = None
     if judge_template is not None:

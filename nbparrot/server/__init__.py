@@ -9,7 +9,8 @@ process answers several thousand requests per second.
 Answers are deterministic: choice ``i`` of a prompt starts with
 ``[<tag>#<i>]`` where ``<tag>`` is ``sha1(prompt text)[:12]`` (see
 :func:`expected_tag`), so a test can tell exactly which row an answer belongs
-to, and ``GET /stats`` says which prompts reached the server and how often.
+to (an image or PDF in the prompt adds ``[image:<image_tag(bytes)>]`` after it, see
+:mod:`.media`), and ``GET /stats`` says which prompts reached the server and how often.
 
 It also serves OpenAI's Files and Batch APIs (``/v1/files``, ``/v1/batches``) for
 chat completions, in memory: a batch goes validating -> in_progress ->
@@ -94,6 +95,7 @@ from .decisions import (
 )
 from .embeddings import expected_embedding
 from .process import ServerProcess
+from .media import image_tag
 from .table import expected_choice, expected_match, expected_score, expected_seen
 from .prompts import expected_tag, format_duration, prompt_tag, prompt_tokens
 
@@ -118,6 +120,7 @@ __all__ = [
     "expected_label",
     "expected_labels",
     "expected_tag",
+    "image_tag",
     "format_duration",
     "main",
     "prompt_tag",

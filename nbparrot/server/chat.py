@@ -1,6 +1,7 @@
 """Chat completions: request checks, the deterministic answer (shared with batch lines), streaming.
 
-Choice ``i`` of a text answer is ``[<tag>#<i>] <first 48 chars of the last user message> `` then
+Choice ``i`` of a text answer is ``[<tag>#<i>] <first 48 chars of the last user message> `` (with
+images or PDFs in the prompt, their marks ``[image:<image_tag>]`` come first, see :mod:`.media`) then
 lorem-ipsum filler up to the choice's completion tokens (4 characters a token); at temperature 0
 every choice is choice 0's answer. ``json_schema`` answers are instances of the schema
 (:mod:`.schema_faker`, written as UTF-8 JSON), and so are ``json_object`` answers to a prompt that
@@ -39,7 +40,7 @@ from .config import (
 from .decisions import _Decider, schema_in_words
 from .embeddings import is_embedding_model
 from .logprobs import Piece, answer_pieces, logprobs_object
-from .prompts import _digest, _filler, _prompt_parts
+from .prompts import _digest, _filler, _prompt_media
 from .schema_faker import _SchemaFaker
 from .table import ROW_MARKER, rows_in, text_answer
 from .wire import _Reject, _flush_then_abort, _int_param
@@ -49,7 +50,7 @@ class _ChatRequest:
     """A checked chat completion request: the prompt, then the options :meth:`_ChatEndpoint.parse_options` reads."""
 
     __slots__ = ("model", "prompt_text", "last_user", "digest", "tag", "ptoks", "n", "max_tokens", "fmt", "schema",
-                 "greedy", "logprobs", "top_logprobs")
+                 "greedy", "logprobs", "top_logprobs", "marks")
 
     def __init__(self, model: str, prompt_text: str, chars: int, last_user: str) -> None:
         """Derive the tag and prompt tokens from the prompt; options start at their defaults."""
@@ -66,6 +67,7 @@ class _ChatRequest:
         self.greedy = False
         self.logprobs = False  # logprobs asked for, and served
         self.top_logprobs = 0
+        self.marks = ""  # "[image:<tag>] ..." of the prompt's images and files, put before the echo
 
 
 def _usage(ptoks: int, ctoks: int, cached: int = 0) -> dict:
@@ -130,7 +132,11 @@ class _ChatEndpoint:
             if not isinstance(message, dict) or "role" not in message:
                 raise _Reject(400, f"Invalid 'messages[{k}]': expected an object with a 'role'.",
                               "invalid_request_error", "invalid_value", f"messages[{k}]")
-        req = _ChatRequest(model, *_prompt_parts(messages))
+        text, chars, last_user, media = _prompt_media(messages, model)
+        req = _ChatRequest(model, text, chars, last_user)
+        if media:  # each answer starts with the marks of the prompt's images and files
+            req.marks = " ".join(found.mark for found in media) + " "
+            req.ptoks += sum(found.tokens for found in media)
         if self.config.usage_scale != 1.0:  # an endpoint whose tokenizer counts more than the client's estimate
             req.ptoks = math.ceil(req.ptoks * self.config.usage_scale)
         return req
@@ -222,7 +228,7 @@ class _ChatEndpoint:
                     tokens, finish, marked = max_tokens, "length", marked[: max_tokens * 4]
                 content = marked
             elif fmt == "text" or not_json:
-                prefix = f"[{label}] {echo} "
+                prefix = f"[{label}] {req.marks}{echo} "
                 content = prefix + _filler(tokens * 4 - len(prefix))
                 if finish == "length":
                     content = content[: max(tokens * 4, len(label) + 2)]

@@ -2,7 +2,9 @@
 
 Choice ``i`` of a prompt's answer starts with ``[<tag>#<i>]`` where ``<tag>`` is
 ``sha1(prompt text)[:12]`` and the prompt text is every message's text joined by newlines
-(:func:`expected_tag`). Prompt tokens are ``ceil(total chars of all contents / 4)``.
+(:func:`expected_tag`), then, when the prompt holds images or files, a line of their marks
+(``[image:<image_tag>]``, see :mod:`.media`). Prompt tokens are ``ceil(total chars of all text
+contents / 4)`` plus each image's or file's tokens.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import math
 from typing import Any
+
+from .media import Media, read_part
 
 
 def _content_text(content: Any) -> str:
@@ -25,13 +29,24 @@ def _content_text(content: Any) -> str:
 
 def _prompt_parts(messages: list[dict]) -> tuple[str, int, str]:
     """Return (prompt text, total content chars, last user message text) in one pass."""
+    return _prompt_media(messages)[:3]
+
+
+def _prompt_media(messages: list[dict], model: str = "") -> tuple[str, int, str, list[Media]]:
+    """(prompt text with its media marks, text chars, last user message text, the images and files)."""
     texts = [_content_text(m.get("content")) for m in messages]
     last_user = ""
     for message, text in zip(reversed(messages), reversed(texts)):
         if message.get("role") == "user":
             last_user = text
             break
-    return "\n".join(texts), sum(map(len, texts)), last_user
+    media = [found for k, m in enumerate(messages) if isinstance(m.get("content"), list)
+             for j, part in enumerate(m["content"]) if isinstance(part, dict)
+             for found in (read_part(part, f"messages[{k}].content[{j}]", model),) if found is not None]
+    text = "\n".join(texts)
+    if media:
+        text += "\n" + " ".join(found.mark for found in media)
+    return text, sum(map(len, texts)), last_user, media
 
 
 def _digest(prompt_text: str) -> str:
@@ -49,9 +64,10 @@ def expected_tag(messages: list[dict], choice: int = 0) -> str:
     return f"{prompt_tag(messages)}#{choice}"
 
 
-def prompt_tokens(messages: list[dict]) -> int:
-    """Prompt tokens as the server counts them: ceil(total chars of all contents / 4)."""
-    return (_prompt_parts(messages)[1] + 3) // 4
+def prompt_tokens(messages: list[dict], model: str = "") -> int:
+    """Prompt tokens as the server counts them: ceil(total text chars / 4), plus each image's and file's."""
+    _, chars, _, media = _prompt_media(messages, model)
+    return (chars + 3) // 4 + sum(found.tokens for found in media)
 
 
 def format_duration(seconds: float) -> str:

@@ -20,6 +20,9 @@ class Inputs:
 
     def __init__(self, parts: Sequence[tuple[str, Prepared | list[str]]]):
         self.parts = list(parts)
+        if any(isinstance(part, Prepared) and part.media for _, part in self.parts):
+            raise ConfigError("embeddings take text, and this column holds images (bytes, PIL images or arrays); "
+                              "embed a text column, or describe the images with map first")
         self.starts = [0]
         for _, part in self.parts:
             self.starts.append(self.starts[-1] + (part.rows if isinstance(part, Prepared) else len(part)))

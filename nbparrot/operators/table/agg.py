@@ -263,6 +263,7 @@ def agg(data: Any, template: str, *, by: str | Sequence[str] | None = None, cont
         raise ConfigError(f"by={by!r} names no column of the data ({', '.join(map(repr, missing)) or 'empty'}); "
                           f"columns: {', '.join(map(str, frame.columns[:40]))}")
     setup = api.resolve(options)
+    setup.text_only("agg")
     context = context_tokens if context_tokens is not None else context_tokens_of(setup.model)
     if context is None:
         raise ConfigError(f"the context window of {setup.model!r} is not known: pass context_tokens= "

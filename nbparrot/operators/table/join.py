@@ -122,7 +122,7 @@ class _JoinWork(Work):
         """An engine of exactly the requests ``filter`` sends for ``frame`` (to plan and estimate them)."""
         setup = self.setup
         prepared = prepare(frame, self.template, system=decisions._system(setup.system, decisions.FILTER_INSTRUCTION),
-                           on_missing=setup.options["on_missing"])
+                           on_missing=setup.options["on_missing"], media=setup.media)
         schema = Schema({"answer": typing.Annotated[bool, decisions._strict()]})
         return staged.engine(prepared, setup.chat_body(), schema=schema)
 

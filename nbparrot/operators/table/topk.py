@@ -243,5 +243,6 @@ def topk(data: Any, criterion: str, k: int, **options: Any) -> StagedRun:
         raise ConfigError(f"k={k} is more than the {len(frame)} row(s) there are")
     items = items_of(frame, criterion, options["on_missing"])
     setup = api.resolve(options)
+    setup.text_only("topk")
     work = _TopkWork(setup, frame, items.texts, items.instruction, k)
     return launch_staged(setup, work, _TopkShape(work, items), f"topk {k}: {criterion}")
