@@ -64,7 +64,7 @@ def panel(cell) -> str:
 
 
 def summary(cell) -> str:
-    match = re.search(r"<span class='nbparrot-summary'>(.*?)</span>", panel(cell))
+    match = re.search(r"<span class='nbparrot-summary'[^>]*>(.*?)</span>", panel(cell))
     assert match, panel(cell)
     return match.group(1)
 
