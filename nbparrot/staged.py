@@ -344,8 +344,12 @@ class Staged:
         return max(0.0, budget - sum(run.cost or 0.0 for run in self.runs))
 
     def start(self, engine: Engine, prepared: Any, label: str, *, run_class: type[Run] = Run) -> Run:
-        """Start one pass (a silent child run) on this loop, within what the budget has left."""
-        engine.settings.max_cost = self.left()
+        """Start one pass (a silent child run) on this loop, within what the budget has left (a pass
+        whose model has no price is refused under a budget: it could not be kept)."""
+        left = self.left()
+        if left is not None and engine.price is None:
+            raise ConfigError(_unpriced(engine.model))
+        engine.settings.max_cost = left
         return run_class(engine, prepared, model=engine.model, label=label, shape=lambda run: None).start(Silent)
 
     async def follow(self, run: Run, *, shown: bool = False, later: int = 0) -> bool:
@@ -459,10 +463,16 @@ class StagedRun(Run):
         return self._summary_line(done, total, counts, by_model, work.describe())
 
 
+def _unpriced(model: str) -> str:
+    return (f"max_cost cannot be kept: the price of {model!r} is unknown; "
+            "set it with nbparrot.set_price(model, input=..., output=...)")
+
+
 def launch_staged(setup: Any, work: Work, shape: Callable[[Run], Any], label: str, *,
                   models: tuple[str, ...] | None = None, run_class: type[StagedRun] = StagedRun) -> StagedRun:
-    """Start a run of ``work``'s passes (sent to ``models``, default the run's) with the shared options'
-    display and confirmation; ``meta=True`` and ``max_cost`` without a price refused first."""
+    """Start a run of ``work``'s passes (sent to ``models``, every model a pass uses, in order; default the
+    run's) with the shared options' display and confirmation; ``meta=True`` and ``max_cost`` without a
+    price for one of the models refused first."""
     models = tuple(models or (setup.model,))
     if setup.options.get("meta") and work.prepared is None:
         raise ConfigError(f"meta=True is not offered for {label.split(':')[0].split()[0]}: run.passes holds each "
@@ -470,8 +480,7 @@ def launch_staged(setup: Any, work: Work, shape: Callable[[Run], Any], label: st
     if setup.settings.max_cost is not None:
         for model in models:
             if price_of(model, setup.endpoint.base_url) is None:
-                raise ConfigError(f"max_cost cannot be kept: the price of {model!r} is unknown; "
-                                  "set it with nbparrot.set_price(model, input=..., output=...)")
+                raise ConfigError(_unpriced(model))
     run = run_class(Staged(setup, work, models), shape=shape, label=label)
     options = setup.options
     return run.start(make_view if options.get("progress", True) else Silent,

@@ -336,3 +336,35 @@ def test_join_passes_a_cascade_through_and_meets_its_target(make_server):
     agreement = 1 - len(got ^ strong) / (len(left) * len(right))
     models = server.stats()["models"]
     assert agreement >= 0.9 and models["mock-weak"] == 1200 and 0 < models["mock-strong"] < 1200
+
+
+def test_a_budget_refuses_an_embedding_model_without_a_price_before_any_request(make_server):
+    """Before, only the chat model was price-checked: the embedding pass then crashed on its missing price."""
+    server = make_server()
+    left, right, _ = tables(4, 3)
+    with pytest.raises(nbparrot.ConfigError, match="price of 'nomic-embed-text' is unknown"):
+        nbparrot.join(left, right, "{left.note} ~ {right.card}", candidates=1, embed_model="nomic-embed-text",
+                      **opts(server, model="gpt-4o-mini", max_cost=1.0))
+    assert requests(server) == 0
+
+
+def test_a_pass_to_a_model_without_a_price_is_refused_under_a_budget(make_server):
+    """A work whose pass uses a model it did not declare: the pass is refused, not run without a budget."""
+    from nbparrot import api
+    from nbparrot.options import check_options
+    from nbparrot.pricing import estimate
+    from nbparrot.staged import PlanEstimate, Requests, Work, launch_staged
+
+    class Undeclared(Work):
+        async def plan(self, staged):
+            return PlanEstimate([("pass", estimate("gpt-4o-mini", 1, 10, 10), "")])
+
+        async def run(self, staged):
+            requests = Requests([[{"role": "user", "content": "hi"}]], [0], "hi")
+            await staged.follow(staged.start(staged.engine(requests, {"model": "local-unpriced"}), requests, "pass"))
+
+    server = make_server()
+    setup = api.resolve(check_options(nbparrot.map, opts(server, model="gpt-4o-mini", max_cost=1.0)))
+    with pytest.raises(nbparrot.ConfigError, match="price of 'local-unpriced' is unknown"):
+        launch_staged(setup, Undeclared(), lambda run: None, "undeclared")
+    assert requests(server) == 0

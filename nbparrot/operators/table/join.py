@@ -274,4 +274,6 @@ def join(left: Any, right: Any, predicate: str, *, candidates: int | None = None
                           f"more than a join asks about without candidates= (at most {MAX_PAIRS:,}); pass "
                           "candidates=k to ask only about each left row's k most similar right rows")
     work = _JoinWork(setup, left_frame, right_frame, predicate, template, fields, forward, candidates, embed)
-    return launch_staged(setup, work, _JoinShape(work, tuple(suffixes)), f"join: {predicate}")
+    models = (embed_model,) if candidates is not None else ()  # every model a pass uses: each priced under max_cost
+    models += tuple(forward["cascade"]) if forward.get("cascade") else (setup.model,)
+    return launch_staged(setup, work, _JoinShape(work, tuple(suffixes)), f"join: {predicate}", models=models)
