@@ -31,7 +31,7 @@ from .engine import Engine
 from .errors import BudgetExceededError, ConfigError
 from .outcomes import CANCELLED, OK, Outcomes
 from .panel import Silent, make_view
-from .pricing import Estimate, format_usd, price_of
+from .pricing import Estimate, estimate, format_usd, price_of
 from .run import Run
 
 __all__ = ["Work", "Requests", "PlanEstimate", "Staged", "StagedRun", "launch_staged"]
@@ -335,6 +335,11 @@ class Staged:
         settings = dataclasses.replace(setup.settings, max_cost=None)
         return kind(setup.endpoint, body, prepared, settings, cache=setup.cache, refresh=setup.refresh,
                     **engine_options)
+
+    def estimate_of(self, model: str, requests: int, prompt_tokens: int, max_completion_tokens: int) -> Estimate:
+        """A pass not planned yet, estimated at ``model``'s price at this run's endpoint (a gateway's price
+        for its model names, which the name alone may not have)."""
+        return estimate(model, requests, prompt_tokens, max_completion_tokens, base_url=self.endpoint.base_url)
 
     def left(self) -> float | None:
         """USD the budget still allows (None: no max_cost)."""

@@ -368,3 +368,16 @@ def test_a_pass_to_a_model_without_a_price_is_refused_under_a_budget(make_server
     with pytest.raises(nbparrot.ConfigError, match="price of 'local-unpriced' is unknown"):
         launch_staged(setup, Undeclared(), lambda run: None, "undeclared")
     assert requests(server) == 0
+
+
+OPENROUTER = "https://openrouter.ai/api/v1"  # its model names ("openai/gpt-4o-mini") are priced only at its URL
+
+
+def test_later_passes_are_estimated_at_the_endpoints_price():
+    """The comparisons (not planned yet) were estimated by the model's name alone: "cost unknown" at a gateway.
+    A loopback URL is priced by the name, so this plans against the gateway's URL: confirm_over refuses the run
+    in a script after planning, before any request is sent."""
+    with pytest.raises(nbparrot.ConfigError, match="above confirm_over") as refused:
+        merits_frame(list(range(20))).llm.topk("best {text}", 3, base_url=OPENROUTER, api_key=KEY,
+                                               model="openai/gpt-4o-mini", progress=False, cache="off", confirm_over=0.0)
+    assert "comparisons: ~" in str(refused.value) and "cost unknown" not in str(refused.value)

@@ -34,7 +34,7 @@ from ..errors import ConfigError
 from ..options import CHAT, RUN, check_options, takes_options
 from ..outcomes import OK, Outcomes
 from ..prepare import prepare
-from ..pricing import estimate, format_usd
+from ..pricing import format_usd
 from ..staged import PlanEstimate, Staged, StagedRun, Work, launch_staged
 from ..templates import Template
 from .decisions import classify_request, filter_request, normalize_labels
@@ -118,7 +118,7 @@ class ScoringWork(Work):
             n = len(self.prepared)
             reply = first.max_completion_tokens // max(1, first.requests)
             most = int(self.judge_body.get("max_tokens") or self.judge_body.get("max_completion_tokens") or 0)
-            passes.append(("judge", estimate(str(self.judge_body["model"]), n,
+            passes.append(("judge", staged.estimate_of(str(self.judge_body["model"]), n,
                                              n * (first.prompt_tokens // max(1, first.requests) + reply), n * most), "≤"))
         return PlanEstimate(passes)
 

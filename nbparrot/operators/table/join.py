@@ -27,7 +27,6 @@ from ...engine import Engine
 from ...errors import ConfigError, TemplateError
 from ...options import CHAT, RUN, check_options, takes_options
 from ...prepare import prepare
-from ...pricing import estimate
 from ...structured import Schema
 from .. import decisions
 from ..embeddings.engine import DEFAULT_MODEL, MAX_INPUTS, EmbedEngine
@@ -170,7 +169,7 @@ class _JoinWork(Work):
                     per, reply = e.prompt_tokens / max(1, e.requests), e.max_completion_tokens / max(1, e.requests)
                 else:
                     per = reply = 0
-                passes.append(("pairs", estimate(self.setup.model, n, int(per * n), int(reply * n)), "≤"))
+                passes.append(("pairs", staged.estimate_of(self.setup.model, n, int(per * n), int(reply * n)), "≤"))
                 return PlanEstimate(passes)
             self._nearest(self.embedder, inputs)
         staged.progress.own_note = f"preparing {len(self.lpos):,} pairs"
