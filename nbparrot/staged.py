@@ -5,7 +5,7 @@ unsure rows, scoring's variants and judge.
 A ``StagedRun`` is a ``Run`` whose engine is a ``Staged``: the operator's own code (a ``Work``, with
 ``async plan(staged)`` and ``async run(staged)``) decides the passes, and each pass is an ordinary
 child ``Run`` (its own engine, model, cache, retries and outcomes, started silently on the same
-loop). So the promises of one run hold across the passes: the call returns at once in a notebook
+loop, and not listed: ``live_runs()`` and ``%llm status`` / ``cancel`` see only the staged run). So the promises of one run hold across the passes: the call returns at once in a notebook
 with one panel (its note names the pass) and one Cancel, ``await run`` gives the final result, the
 estimate covers every pass before anything is sent (shown pass by pass; passes found whole in the
 cache are planned through, so a rerun is estimated at 0 requests), ``confirm_over`` asks once, and
@@ -32,7 +32,7 @@ from .errors import BudgetExceededError, ConfigError
 from .outcomes import CANCELLED, OK, Outcomes
 from .panel import Silent, make_view
 from .pricing import Estimate, estimate, format_usd, price_of
-from .run import Run
+from .run import Run, unlisted
 
 __all__ = ["Work", "Requests", "PlanEstimate", "Staged", "StagedRun", "launch_staged"]
 
@@ -318,9 +318,11 @@ class Staged:
         if self.progress.started is None:
             self.progress.started = loop.time()
         await self.prepare()
+        listed = unlisted.set(True)  # the passes' runs are this run's, not runs of their own
         try:
             await self.work.run(self)
         finally:
+            unlisted.reset(listed)
             stop = self.fatal or self.budget_stop
             self.work.settle(f"not sent: the run stopped ({stop})" if stop else "cancelled before an answer arrived")
             self.progress.later = 0

@@ -4,6 +4,7 @@ In a script and on a real kernel's loop (panel, Cancel, resume, a cached rerun t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import sys
@@ -381,3 +382,32 @@ def test_later_passes_are_estimated_at_the_endpoints_price():
         merits_frame(list(range(20))).llm.topk("best {text}", 3, base_url=OPENROUTER, api_key=KEY,
                                                model="openai/gpt-4o-mini", progress=False, cache="off", confirm_over=0.0)
     assert "comparisons: ~" in str(refused.value) and "cost unknown" not in str(refused.value)
+
+
+def test_only_the_staged_run_is_listed_while_its_passes_run(make_server):
+    """Each pass was listed as a run of its own (``%llm cancel <pass id>`` stopped one pass, and the run then
+    ended "finished"). An asyncio program starts the runs inside its running loop and watches live_runs()."""
+    server = make_server(latency_ms=20)
+    left, right, _ = tables(6, 5)
+
+    async def main() -> list:
+        runs = [merits_frame(random.Random(2).sample(range(1000), 30)).llm.topk("best {text}", 3, **opts(server)),
+                left.llm.join(right, "{left.note} goes with {right.card}", candidates=2, embed_model="mock-embed",
+                              **opts(server))]
+        seen = []
+        for _ in range(3000):  # bounded: a few seconds at most
+            if all(run.done() for run in runs):
+                break
+            seen.append(({r.id for r in nbparrot.live_runs()}, sum(len(run.passes) for run in runs)))
+            await asyncio.sleep(0.005)
+        for run in runs:
+            await run
+        return runs, seen
+
+    runs, seen = asyncio.run(main())
+    ours = {run.id for run in runs}
+    passes = {p.id for run in runs for p in run.passes}
+    assert all(len(run.passes) >= 2 for run in runs) and all(run.status == "finished" for run in runs)
+    assert any(listed and started for listed, started in seen)  # watched while passes were in flight
+    assert all(listed <= ours for listed, _ in seen) and not any(listed & passes for listed, _ in seen)
+    assert not {r.id for r in nbparrot.live_runs()} & (ours | passes)
