@@ -165,7 +165,7 @@ def test_join_returns_exactly_the_true_pairs(make_server):
     pairs = run.result()
     got = {(int(note.split("note ")[1]), int(n)) for note, n in zip(pairs.note, pairs.n)}
     assert got == truth and list(pairs.columns) == ["note", "card", "n"]
-    assert requests(server) == 1200
+    assert requests(server) == 1200 and run.passes[-1].engine is run.engine.work.pairs  # planned once, sent as planned
     again = nbparrot.join(left, right, "{note} goes with {right.card}", **opts(server))  # bare {note}: left only
     assert again.estimate.requests == 0 and again.result().equals(pairs) and requests(server) == 1200
 
