@@ -15,6 +15,7 @@ shell messages (Cancel clicks vanish, queued cells hang).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import signal
 import threading
@@ -27,11 +28,14 @@ from .errors import ConfigError, NbparrotError, RunCancelledError, RunNotFinishe
 from .headless import in_background, off_loop
 from .pricing import cached_share, format_usd
 
-__all__ = ["Run", "live_runs", "record_usage", "session_usage"]
+__all__ = ["Run", "live_runs", "record_usage", "session_usage", "unlisted"]
 
 _ids = itertools.count(1)
-_live: dict[int, "Run"] = {}  # strong references: asyncio keeps only weak ones to tasks
+_live: dict[int, "Run"] = {}  # strong references: asyncio keeps only weak ones to tasks (a pass is held by its staged run)
 _usage: dict[tuple[str, bool], dict[str, int]] = {}  # (model, batch) -> session totals
+#: True while a staged run's work runs (see nbparrot.staged): runs started then are its passes, seen
+#: (live_runs, ``%llm status`` / ``cancel``) only as the one run they make up
+unlisted: contextvars.ContextVar[bool] = contextvars.ContextVar("nbparrot_unlisted", default=False)
 
 
 def live_runs() -> list["Run"]:
@@ -127,7 +131,8 @@ class Run:
 
     def _start_on(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop, self._loop_thread = loop, threading.get_ident()
-        _live[self.id] = self
+        if not unlisted.get():
+            _live[self.id] = self
         self._task = loop.create_task(self._main())
         self._task.add_done_callback(self._finalize)
         if not self.engine.planned and self.progress.note is None:

@@ -5,7 +5,7 @@ unsure rows, scoring's variants and judge.
 A ``StagedRun`` is a ``Run`` whose engine is a ``Staged``: the operator's own code (a ``Work``, with
 ``async plan(staged)`` and ``async run(staged)``) decides the passes, and each pass is an ordinary
 child ``Run`` (its own engine, model, cache, retries and outcomes, started silently on the same
-loop). So the promises of one run hold across the passes: the call returns at once in a notebook
+loop, and not listed: ``live_runs()`` and ``%llm status`` / ``cancel`` see only the staged run). So the promises of one run hold across the passes: the call returns at once in a notebook
 with one panel (its note names the pass) and one Cancel, ``await run`` gives the final result, the
 estimate covers every pass before anything is sent (shown pass by pass; passes found whole in the
 cache are planned through, so a rerun is estimated at 0 requests), ``confirm_over`` asks once, and
@@ -31,8 +31,8 @@ from .engine import Engine
 from .errors import BudgetExceededError, ConfigError
 from .outcomes import CANCELLED, OK, Outcomes
 from .panel import Silent, make_view
-from .pricing import Estimate, format_usd, price_of
-from .run import Run
+from .pricing import Estimate, estimate, format_usd, price_of
+from .run import Run, unlisted
 
 __all__ = ["Work", "Requests", "PlanEstimate", "Staged", "StagedRun", "launch_staged"]
 
@@ -318,9 +318,11 @@ class Staged:
         if self.progress.started is None:
             self.progress.started = loop.time()
         await self.prepare()
+        listed = unlisted.set(True)  # the passes' runs are this run's, not runs of their own
         try:
             await self.work.run(self)
         finally:
+            unlisted.reset(listed)
             stop = self.fatal or self.budget_stop
             self.work.settle(f"not sent: the run stopped ({stop})" if stop else "cancelled before an answer arrived")
             self.progress.later = 0
@@ -336,6 +338,11 @@ class Staged:
         return kind(setup.endpoint, body, prepared, settings, cache=setup.cache, refresh=setup.refresh,
                     **engine_options)
 
+    def estimate_of(self, model: str, requests: int, prompt_tokens: int, max_completion_tokens: int) -> Estimate:
+        """A pass not planned yet, estimated at ``model``'s price at this run's endpoint (a gateway's price
+        for its model names, which the name alone may not have)."""
+        return estimate(model, requests, prompt_tokens, max_completion_tokens, base_url=self.endpoint.base_url)
+
     def left(self) -> float | None:
         """USD the budget still allows (None: no max_cost)."""
         budget = self.setup.settings.max_cost
@@ -344,8 +351,12 @@ class Staged:
         return max(0.0, budget - sum(run.cost or 0.0 for run in self.runs))
 
     def start(self, engine: Engine, prepared: Any, label: str, *, run_class: type[Run] = Run) -> Run:
-        """Start one pass (a silent child run) on this loop, within what the budget has left."""
-        engine.settings.max_cost = self.left()
+        """Start one pass (a silent child run) on this loop, within what the budget has left (a pass
+        whose model has no price is refused under a budget: it could not be kept)."""
+        left = self.left()
+        if left is not None and engine.price is None:
+            raise ConfigError(_unpriced(engine.model))
+        engine.settings.max_cost = left
         return run_class(engine, prepared, model=engine.model, label=label, shape=lambda run: None).start(Silent)
 
     async def follow(self, run: Run, *, shown: bool = False, later: int = 0) -> bool:
@@ -459,10 +470,16 @@ class StagedRun(Run):
         return self._summary_line(done, total, counts, by_model, work.describe())
 
 
+def _unpriced(model: str) -> str:
+    return (f"max_cost cannot be kept: the price of {model!r} is unknown; "
+            "set it with nbparrot.set_price(model, input=..., output=...)")
+
+
 def launch_staged(setup: Any, work: Work, shape: Callable[[Run], Any], label: str, *,
                   models: tuple[str, ...] | None = None, run_class: type[StagedRun] = StagedRun) -> StagedRun:
-    """Start a run of ``work``'s passes (sent to ``models``, default the run's) with the shared options'
-    display and confirmation; ``meta=True`` and ``max_cost`` without a price refused first."""
+    """Start a run of ``work``'s passes (sent to ``models``, every model a pass uses, in order; default the
+    run's) with the shared options' display and confirmation; ``meta=True`` and ``max_cost`` without a
+    price for one of the models refused first."""
     models = tuple(models or (setup.model,))
     if setup.options.get("meta") and work.prepared is None:
         raise ConfigError(f"meta=True is not offered for {label.split(':')[0].split()[0]}: run.passes holds each "
@@ -470,8 +487,7 @@ def launch_staged(setup: Any, work: Work, shape: Callable[[Run], Any], label: st
     if setup.settings.max_cost is not None:
         for model in models:
             if price_of(model, setup.endpoint.base_url) is None:
-                raise ConfigError(f"max_cost cannot be kept: the price of {model!r} is unknown; "
-                                  "set it with nbparrot.set_price(model, input=..., output=...)")
+                raise ConfigError(_unpriced(model))
     run = run_class(Staged(setup, work, models), shape=shape, label=label)
     options = setup.options
     return run.start(make_view if options.get("progress", True) else Silent,

@@ -225,3 +225,13 @@ def test_in_a_kernel_the_cascade_returns_at_once_and_the_panel_cancel_spans_its_
     assert report["decided"] == rows_by[WEAK_MODEL] + rows_by[STRONG_MODEL] < 300
     assert rows_by[STRONG_MODEL] > report["cascade"]["sample"]  # some unsure rows were decided before the Cancel
     assert f"{report['decided']}/300 answered" in report["summary"] and "cascade:" in report["summary"]
+
+
+def test_the_strong_models_passes_are_estimated_at_the_endpoints_price():
+    """The sample and unsure passes (not planned yet) were estimated by the strong model's name alone, which
+    a gateway's names ("openai/gpt-4o") do not have. A loopback URL is priced by the name, so this plans against
+    the gateway's URL: confirm_over refuses the run in a script after planning, before any request is sent."""
+    with pytest.raises(ConfigError, match="above confirm_over") as refused:
+        rows(20).llm.filter("{text} is good", cascade=("openai/gpt-4.1-nano", "openai/gpt-4o"), progress=False,
+                            base_url="https://openrouter.ai/api/v1", api_key=KEY, cache="off", confirm_over=0.0)
+    assert "openai/gpt-4o on the sample: ≤" in str(refused.value) and "cost unknown" not in str(refused.value)

@@ -134,3 +134,16 @@ def test_expect_in_a_kernel_gives_per_variant_accuracy(kernel):
     expected = [accuracy(df.loc[sampled], v) for v in VARIANTS]
     assert kernel.eval("scored.scores['accuracy'].tolist()") == pytest.approx(expected)
     assert f"{expected[1]:.0%}" in html
+
+
+def test_scores_cost_counts_only_answers_not_from_the_cache(make_server):
+    """The scores charged cached answers at list price while run.cost said they cost nothing."""
+    server = make_server()
+    df, priced = tickets(12), {**opts(server), "model": "gpt-4o-mini"}
+    first = nbparrot.compare(df, VARIANTS, expect="label", task="classify", labels=LABELS, **priced)
+    scores = first.scores
+    assert first.cost > 0 and scores["cost"].sum() == pytest.approx(first.cost)
+    again = nbparrot.compare(df, VARIANTS, expect="label", task="classify", labels=LABELS, **priced)
+    assert again.cost == 0 and again.scores["cost"].tolist() == [0, 0]
+    assert scores["cached"].tolist() == [0, 0] and again.scores["cached"].tolist() == [12, 12]
+    assert scores_html(again).count("<td>cached</td>") == 2

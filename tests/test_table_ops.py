@@ -4,6 +4,7 @@ In a script and on a real kernel's loop (panel, Cancel, resume, a cached rerun t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import sys
@@ -164,7 +165,7 @@ def test_join_returns_exactly_the_true_pairs(make_server):
     pairs = run.result()
     got = {(int(note.split("note ")[1]), int(n)) for note, n in zip(pairs.note, pairs.n)}
     assert got == truth and list(pairs.columns) == ["note", "card", "n"]
-    assert requests(server) == 1200
+    assert requests(server) == 1200 and run.passes[-1].engine is run.engine.work.pairs  # planned once, sent as planned
     again = nbparrot.join(left, right, "{note} goes with {right.card}", **opts(server))  # bare {note}: left only
     assert again.estimate.requests == 0 and again.result().equals(pairs) and requests(server) == 1200
 
@@ -336,3 +337,77 @@ def test_join_passes_a_cascade_through_and_meets_its_target(make_server):
     agreement = 1 - len(got ^ strong) / (len(left) * len(right))
     models = server.stats()["models"]
     assert agreement >= 0.9 and models["mock-weak"] == 1200 and 0 < models["mock-strong"] < 1200
+
+
+def test_a_budget_refuses_an_embedding_model_without_a_price_before_any_request(make_server):
+    """Before, only the chat model was price-checked: the embedding pass then crashed on its missing price."""
+    server = make_server()
+    left, right, _ = tables(4, 3)
+    with pytest.raises(nbparrot.ConfigError, match="price of 'nomic-embed-text' is unknown"):
+        nbparrot.join(left, right, "{left.note} ~ {right.card}", candidates=1, embed_model="nomic-embed-text",
+                      **opts(server, model="gpt-4o-mini", max_cost=1.0))
+    assert requests(server) == 0
+
+
+def test_a_pass_to_a_model_without_a_price_is_refused_under_a_budget(make_server):
+    """A work whose pass uses a model it did not declare: the pass is refused, not run without a budget."""
+    from nbparrot import api
+    from nbparrot.options import check_options
+    from nbparrot.pricing import estimate
+    from nbparrot.staged import PlanEstimate, Requests, Work, launch_staged
+
+    class Undeclared(Work):
+        async def plan(self, staged):
+            return PlanEstimate([("pass", estimate("gpt-4o-mini", 1, 10, 10), "")])
+
+        async def run(self, staged):
+            requests = Requests([[{"role": "user", "content": "hi"}]], [0], "hi")
+            await staged.follow(staged.start(staged.engine(requests, {"model": "local-unpriced"}), requests, "pass"))
+
+    server = make_server()
+    setup = api.resolve(check_options(nbparrot.map, opts(server, model="gpt-4o-mini", max_cost=1.0)))
+    with pytest.raises(nbparrot.ConfigError, match="price of 'local-unpriced' is unknown"):
+        launch_staged(setup, Undeclared(), lambda run: None, "undeclared")
+    assert requests(server) == 0
+
+
+OPENROUTER = "https://openrouter.ai/api/v1"  # its model names ("openai/gpt-4o-mini") are priced only at its URL
+
+
+def test_later_passes_are_estimated_at_the_endpoints_price():
+    """The comparisons (not planned yet) were estimated by the model's name alone: "cost unknown" at a gateway.
+    A loopback URL is priced by the name, so this plans against the gateway's URL: confirm_over refuses the run
+    in a script after planning, before any request is sent."""
+    with pytest.raises(nbparrot.ConfigError, match="above confirm_over") as refused:
+        merits_frame(list(range(20))).llm.topk("best {text}", 3, base_url=OPENROUTER, api_key=KEY,
+                                               model="openai/gpt-4o-mini", progress=False, cache="off", confirm_over=0.0)
+    assert "comparisons: ~" in str(refused.value) and "cost unknown" not in str(refused.value)
+
+
+def test_only_the_staged_run_is_listed_while_its_passes_run(make_server):
+    """Each pass was listed as a run of its own (``%llm cancel <pass id>`` stopped one pass, and the run then
+    ended "finished"). An asyncio program starts the runs inside its running loop and watches live_runs()."""
+    server = make_server(latency_ms=20)
+    left, right, _ = tables(6, 5)
+
+    async def main() -> list:
+        runs = [merits_frame(random.Random(2).sample(range(1000), 30)).llm.topk("best {text}", 3, **opts(server)),
+                left.llm.join(right, "{left.note} goes with {right.card}", candidates=2, embed_model="mock-embed",
+                              **opts(server))]
+        seen = []
+        for _ in range(3000):  # bounded: a few seconds at most
+            if all(run.done() for run in runs):
+                break
+            seen.append(({r.id for r in nbparrot.live_runs()}, sum(len(run.passes) for run in runs)))
+            await asyncio.sleep(0.005)
+        for run in runs:
+            await run
+        return runs, seen
+
+    runs, seen = asyncio.run(main())
+    ours = {run.id for run in runs}
+    passes = {p.id for run in runs for p in run.passes}
+    assert all(len(run.passes) >= 2 for run in runs) and all(run.status == "finished" for run in runs)
+    assert any(listed and started for listed, started in seen)  # watched while passes were in flight
+    assert all(listed <= ours for listed, _ in seen) and not any(listed & passes for listed, _ in seen)
+    assert not {r.id for r in nbparrot.live_runs()} & (ours | passes)

@@ -40,7 +40,7 @@ from ..engine import Engine
 from ..errors import ConfigError, LogprobsUnavailableError
 from ..outcomes import OK, PENDING, SKIPPED, Outcomes
 from ..prepare import RenderError
-from ..pricing import Estimate, estimate, format_usd
+from ..pricing import Estimate, format_usd
 from ..staged import PlanEstimate, Staged, StagedRun, Work, launch_staged
 from ..tokens import estimate_prompt_tokens
 
@@ -252,18 +252,18 @@ class CascadeWork(Work):
                 unsure = self._route(cheap.outcomes, sample)[1]
                 passes.append((f"{strong} on the unsure rows", await self._strong_engine(staged, unsure).prepare(), ""))
                 self.thresholds, self.sample_errors, self.learned_on, self.sample_agreement = None, 0, 0, None
-        passes += self._bounds(len(passes))
+        passes += self._bounds(staged, len(passes))
         self.later = [sum(e.requests for _, e, _ in passes[k + 1:]) for k in range(len(passes))]
         return PlanEstimate(passes)
 
-    def _bounds(self, planned: int) -> list[tuple[str, Estimate, str]]:
+    def _bounds(self, staged: Staged, planned: int) -> list[tuple[str, Estimate, str]]:
         """The passes after the first ``planned``, at most: the sample, and every other row (~30% expected)."""
         n, strong = len(self.prepared), self.spec.strong
         sample = self.spec.sample_size(n)
         probe = [m for m in map(self._rendered, range(0, n, max(1, n // 20))) if m is not None]
         prompt = int(sum(map(estimate_prompt_tokens, probe)) / len(probe)) if probe else 0
         reply = int(self.strong_body.get("max_tokens") or self.strong_body.get("max_completion_tokens") or 0)
-        at = lambda rows: estimate(strong, rows, prompt * rows, reply * rows)  # noqa: E731
+        at = lambda rows: staged.estimate_of(strong, rows, prompt * rows, reply * rows)  # noqa: E731
         out = [(f"{strong} on the sample", at(sample), "≤")] if planned < 2 else []
         if planned < 3:
             rest = n - sample

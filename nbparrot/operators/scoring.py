@@ -15,8 +15,8 @@ and scores each answer against the row's value in the ``expect`` column:
 Rows without an expected value are left out before anything is sent. It is one ``Run`` (a
 ``ScoredRun``; with a judge in two passes, the variants then the judge, see
 ``nbparrot.staged``); once it is done ``run.scores`` has one row per variant (its template,
-accuracy, correct answers of scored rows, rows answered, cost at list price with cached answers
-counted, mean latency, and the judge's cost), and ``run.result()`` the rows -- the ones where the
+accuracy, correct answers of scored rows, rows answered, answers from the cache, cost of the others
+(as ``run.cost``: a cached answer costs nothing), mean latency, and the judge's cost, likewise), and ``run.result()`` the rows -- the ones where the
 variants' answers differ first -- with the expected value, each variant's answer and whether it is
 right. ``scores_html(run)`` renders both (what ``%%llm --expect`` shows). An answer missing
 (failed, cancelled) counts as wrong: accuracy is over every scored row.
@@ -34,7 +34,7 @@ from ..errors import ConfigError
 from ..options import CHAT, RUN, check_options, takes_options
 from ..outcomes import OK, Outcomes
 from ..prepare import prepare
-from ..pricing import estimate, format_usd
+from ..pricing import format_usd
 from ..staged import PlanEstimate, Staged, StagedRun, Work, launch_staged
 from ..templates import Template
 from .decisions import classify_request, filter_request, normalize_labels
@@ -118,7 +118,7 @@ class ScoringWork(Work):
             n = len(self.prepared)
             reply = first.max_completion_tokens // max(1, first.requests)
             most = int(self.judge_body.get("max_tokens") or self.judge_body.get("max_completion_tokens") or 0)
-            passes.append(("judge", estimate(str(self.judge_body["model"]), n,
+            passes.append(("judge", staged.estimate_of(str(self.judge_body["model"]), n,
                                              n * (first.prompt_tokens // max(1, first.requests) + reply), n * most), "≤"))
         return PlanEstimate(passes)
 
@@ -174,7 +174,8 @@ class ScoredRun(StagedRun):
 
     @property
     def scores(self) -> Any:
-        """One row per variant: template, accuracy, correct, scored, answered, cost, mean latency, judge cost."""
+        """One row per variant: template, accuracy, correct, scored, answered, cached (answers from the cache),
+        cost (of the answers not from the cache, as ``run.cost``), mean latency, judge cost (likewise)."""
         import pandas as pd
 
         plan: ScoringWork = self.engine.work
@@ -185,19 +186,22 @@ class ScoredRun(StagedRun):
             judge = plan.judging
             for j, r in enumerate(plan.judged):
                 o = judge.outcomes[j]
+                if o.cached:
+                    continue
                 usd = judge.usd(o.prompt_tokens, o.completion_tokens, o.cached_tokens)
                 judge_costs[r % k] = None if usd is None or judge_costs[r % k] is None else judge_costs[r % k] + usd
         rows = []
         for v in range(k):
             requests = range(v, len(outcomes), k)
             costs = [plan.answers.usd(outcomes[r].prompt_tokens, outcomes[r].completion_tokens, outcomes[r].cached_tokens)
-                     for r in requests if outcomes[r].status == OK]
+                     for r in requests if outcomes[r].status == OK and not outcomes[r].cached]
             latencies = [outcomes[r].latency for r in requests if outcomes[r].latency is not None]
             correct = sum(1 for r in requests if verdicts and verdicts[r] is True)
             scored = len(requests)
             rows.append({"template": self.prepared.templates[v], "accuracy": correct / scored if scored else math.nan,
                          "correct": correct, "scored": scored,
                          "answered": sum(1 for r in requests if outcomes[r].status == OK),
+                         "cached": sum(1 for r in requests if outcomes[r].status == OK and outcomes[r].cached),
                          "cost": None if any(c is None for c in costs) else sum(costs),
                          "mean_latency": sum(latencies) / len(latencies) if latencies else None,
                          "judge_cost": judge_costs[v] if plan.judge is not None else None})
@@ -303,7 +307,8 @@ def scores_html(run: ScoredRun, width: int = 120) -> str:
     lines = []
     for v, s in scores.iterrows():
         latency = f"{s['mean_latency']:.2f}s" if s["mean_latency"] is not None and s["mean_latency"] == s["mean_latency"] else "–"
-        cost = format_usd(s["cost"]) + (f" + judge {format_usd(s['judge_cost'])}" if run.engine.work.judge else "")
+        cost = "cached" if s["answered"] and s["cached"] == s["answered"] and not s["cost"] else format_usd(s["cost"])
+        cost += f" + judge {format_usd(s['judge_cost'])}" if run.engine.work.judge else ""
         lines.append(f"<tr><td>{v}</td><td style='text-align:left'><code>{cut(s['template'])}</code></td>"
                      f"<td><b>{s['accuracy']:.0%}</b></td><td>{s['correct']}/{s['scored']}</td>"
                      f"<td>{s['answered']}</td><td>{cost}</td><td>{latency}</td></tr>")

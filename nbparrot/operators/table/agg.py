@@ -24,7 +24,6 @@ from ... import api
 from ...errors import ConfigError
 from ...options import CHAT, RUN, check_options, takes_options
 from ...outcomes import OK
-from ...pricing import estimate
 from ...tokens import estimate_prompt_tokens, estimate_text_tokens
 from .items import Items, as_frame, items_of, left_out
 from ...staged import PlanEstimate, Requests, StagedRun, Work, launch_staged
@@ -136,7 +135,7 @@ class _AggWork(Work):
                         [f"level {level}, group {c.group + 1}, request {k + 1}" for k, c in enumerate(chunks)],
                         f"agg level {level}")
 
-    def _bound(self, level: int, chunks: list[list[_Chunk]]) -> list[tuple[str, Any, str]]:
+    def _bound(self, staged: Any, level: int, chunks: list[list[_Chunk]]) -> list[tuple[str, Any, str]]:
         """An upper bound for each level after ``level``: every answer counted at max_tokens."""
         counts = [len(c) for c in chunks]
         passes = []
@@ -145,7 +144,7 @@ class _AggWork(Work):
             requests = sum(math.ceil(n / self.fit) for n in counts if n > 1)
             answers = sum(n for n in counts if n > 1)
             prompt = requests * self.fixed[ANSWERS_HEADER] + answers * (self.reply + 3)
-            passes.append((f"level {level}", estimate(self.setup.model, requests, prompt, requests * self.reply), "≤"))
+            passes.append((f"level {level}", staged.estimate_of(self.setup.model, requests, prompt, requests * self.reply), "≤"))
             counts = [math.ceil(n / self.fit) if n > 1 else 0 for n in counts]
         return passes
 
@@ -162,14 +161,14 @@ class _AggWork(Work):
             e = await engine.prepare()
             passes.append((f"level {level}", e, ""))
             if e.requests:
-                passes += self._bound(level, chunks)
+                passes += self._bound(staged, level, chunks)
                 break
             for k, chunk in enumerate(flat):  # found whole in the cache: the next level's texts are known
                 chunk.answer = engine.outcomes[k].content
             level, before = level + 1, chunks
         self.answers = [None] * len(self.groups)
         self.levels = sum(1 for _ in passes)
-        return PlanEstimate(passes or [("level 1", estimate(self.setup.model, 0, 0, 0), "")])
+        return PlanEstimate(passes or [("level 1", staged.estimate_of(self.setup.model, 0, 0, 0), "")])
 
     async def run(self, staged: Any) -> None:
         level, before = 1, None

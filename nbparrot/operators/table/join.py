@@ -2,9 +2,10 @@
 
 The predicate is a template over both tables: ``{left.col}`` and ``{right.col}`` name a column of
 either side (a bare ``{col}`` is allowed where only one side has that column). Each pair is one
-request of ``nbparrot.filter``, called with the join's options forwarded (so whatever ``filter``
-takes, ``join`` passes on), over a frame of the pairs' used columns: N x M requests, all shown
-in the estimate before anything is sent, under ``confirm_over`` and ``max_cost``.
+request, the one ``nbparrot.filter`` sends, over a frame of the pairs' used columns: N x M requests,
+all planned for the estimate before anything is sent (and sent as planned), under ``confirm_over``
+and ``max_cost``. ``filter``'s own options are forwarded: with ``cascade=`` the pairs go through
+``filter`` itself (its cascade is a staged run of its own).
 
 ``candidates=k`` first embeds both sides (the texts the predicate names, or ``embed_on``) and
 keeps, for each left row, its k most similar right rows (``nbparrot.sim_join``'s engine and
@@ -27,7 +28,6 @@ from ...engine import Engine
 from ...errors import ConfigError, TemplateError
 from ...options import CHAT, RUN, check_options, takes_options
 from ...prepare import prepare
-from ...pricing import estimate
 from ...structured import Schema
 from .. import decisions
 from ..embeddings.engine import DEFAULT_MODEL, MAX_INPUTS, EmbedEngine
@@ -112,7 +112,8 @@ class _JoinWork(Work):
         self.lpos = self.rpos = np.zeros(0, dtype=np.int64)
         self.similarity: np.ndarray | None = None
         self.embedder: EmbedEngine | None = None
-        self.decided: Any = None  # the filter pass's run
+        self.pairs: Engine | None = None  # the pairs' engine as planned (sent as it is, unless a cascade decides them)
+        self.decided: Any = None  # the pairs pass's run
 
     def _all_pairs(self) -> None:
         n, m = len(self.left), len(self.right)
@@ -170,12 +171,12 @@ class _JoinWork(Work):
                     per, reply = e.prompt_tokens / max(1, e.requests), e.max_completion_tokens / max(1, e.requests)
                 else:
                     per = reply = 0
-                passes.append(("pairs", estimate(self.setup.model, n, int(per * n), int(reply * n)), "≤"))
+                passes.append(("pairs", staged.estimate_of(self.setup.model, n, int(per * n), int(reply * n)), "≤"))
                 return PlanEstimate(passes)
             self._nearest(self.embedder, inputs)
         staged.progress.own_note = f"preparing {len(self.lpos):,} pairs"
-        engine = self._filter_engine(staged, _pairs_frame(self.left, self.right, self.fields, self.lpos, self.rpos))
-        passes.append(("pairs", await engine.prepare(), ""))
+        self.pairs = self._filter_engine(staged, _pairs_frame(self.left, self.right, self.fields, self.lpos, self.rpos))
+        passes.append(("pairs", await self.pairs.prepare(), ""))
         return PlanEstimate(passes)
 
     async def run(self, staged: Any) -> None:
@@ -186,15 +187,20 @@ class _JoinWork(Work):
             if not await staged.follow(run, later=len(self.left) * self.candidates):
                 return
             self._nearest(self.embedder, inputs)
-        frame = _pairs_frame(self.left, self.right, self.fields, self.lpos, self.rpos)
         left = staged.left()
         if left is not None and left <= 0 and staged.over_budget("the pairs"):
             return
-        staged.progress.own_note = f"{len(frame):,} pairs"
-        options = {**self.forward, "progress": False, "confirm": True, "confirm_over": None,
-                   "max_cost": left}
-        self.decided = decisions.filter(frame, self.template, mask=True, **options)
-        self.decided.label = f"join pairs: {self.predicate}"
+        staged.progress.own_note = f"{len(self.lpos):,} pairs"
+        label = f"join pairs: {self.predicate}"
+        if self.forward.get("cascade"):  # filter's cascade decides the pairs: a staged run of its own
+            frame = _pairs_frame(self.left, self.right, self.fields, self.lpos, self.rpos)
+            options = {**self.forward, "progress": False, "confirm": True, "confirm_over": None, "max_cost": left}
+            self.decided = decisions.filter(frame, self.template, mask=True, **options)
+            self.decided.label = label
+        else:  # the engine planned with the estimate (the pairs known after the embeddings: planned now)
+            engine = self.pairs or self._filter_engine(
+                staged, _pairs_frame(self.left, self.right, self.fields, self.lpos, self.rpos))
+            self.decided = staged.start(engine, engine.source, label)
         await staged.follow(self.decided, shown=True)
 
 
@@ -208,8 +214,7 @@ class _JoinShape:
         work = self.work
         decided = work.decided
         if decided is not None:
-            mask = decided.partial()
-            keep = np.asarray(mask.fillna(False).to_numpy(dtype=bool))
+            keep = np.fromiter((value is True for value in decisions._decisions(decided, "answer")), dtype=bool)
         else:
             keep = np.zeros(0, dtype=bool)
         lpos, rpos = work.lpos[: len(keep)][keep], work.rpos[: len(keep)][keep]
@@ -274,4 +279,6 @@ def join(left: Any, right: Any, predicate: str, *, candidates: int | None = None
                           f"more than a join asks about without candidates= (at most {MAX_PAIRS:,}); pass "
                           "candidates=k to ask only about each left row's k most similar right rows")
     work = _JoinWork(setup, left_frame, right_frame, predicate, template, fields, forward, candidates, embed)
-    return launch_staged(setup, work, _JoinShape(work, tuple(suffixes)), f"join: {predicate}")
+    models = (embed_model,) if candidates is not None else ()  # every model a pass uses: each priced under max_cost
+    models += tuple(forward["cascade"]) if forward.get("cascade") else (setup.model,)
+    return launch_staged(setup, work, _JoinShape(work, tuple(suffixes)), f"join: {predicate}", models=models)

@@ -29,7 +29,6 @@ from ... import api
 from ...errors import ConfigError
 from ...options import CHAT, RUN, check_options, takes_options
 from ...outcomes import OK
-from ...pricing import estimate
 from ...structured import Schema
 from ...tokens import estimate_prompt_tokens
 from .items import as_frame, items_of, left_out
@@ -101,13 +100,13 @@ class _TopkWork(Work):
                     break
                 self._split(splits, pairs, engine.outcomes)
             else:
-                passes.append(("comparisons", estimate(self.setup.model, 0, 0, 0), ""))
+                passes.append(("comparisons", staged.estimate_of(self.setup.model, 0, 0, 0), ""))
         if len(passes) == 1:
             guess = self._guess()
             per = estimate_prompt_tokens(self._compare_requests([(self.rows[0], self.rows[-1])], 0).messages[0]) \
                 if self.rows else 0
             reply = self.body.get("max_tokens") or self.body.get("max_completion_tokens") or 0
-            passes.append(("comparisons", estimate(self.setup.model, guess, guess * per, guess * reply), "~"))
+            passes.append(("comparisons", staged.estimate_of(self.setup.model, guess, guess * per, guess * reply), "~"))
         self.scores, self.blocks, self.failed_compares = {}, [], 0
         return PlanEstimate(passes)
 
