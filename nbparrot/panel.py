@@ -378,12 +378,14 @@ class StaticView(_Ticker):
         self.preview = True  # as Panel.preview
         self._output: Any = None
         self._last: dict = {}
+        self._shown_in: int | None = None
 
     def started(self) -> None:
         from IPython.display import display
 
         self._last = _static_bundle(self.run)
         self._output = display(self._last, raw=True, display_id=True)
+        self._shown_in = _execution_count()
         super().started()
 
     def refresh(self) -> None:
@@ -398,8 +400,11 @@ class StaticView(_Ticker):
         self.refresh()
 
     def display_again(self) -> None:
-        """Show the run again in the cell asking for it."""
+        """Show the run again in the cell asking for it, unless that cell started it (and shows it)."""
+        if self._shown_in == _execution_count():
+            return
         _display_static(self.run)
+        self._shown_in = _execution_count()
 
 
 def title_html(run: "Run") -> str:

@@ -210,6 +210,27 @@ def test_the_client_decides_where_a_run_goes_and_configure_overrides_it(make_ser
         assert wrong.error is not None and wrong.error.ename == "ConfigError" and "background" in wrong.error.evalue
 
 
+def test_a_cell_ending_in_its_run_saves_it_once(make_server, tmp_path, monkeypatch):
+    """nbclient runs a cell that starts a run and names it last (``run``, ``df.llm.map(...)``): the
+    saved cell holds one final panel, not two."""
+    from nbclient import NotebookClient
+
+    server = make_server()
+    monkeypatch.setenv("NBPARROT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    options = f"base_url={server.base_url!r}"
+    sources = ["import nbparrot, pandas as pd\ndf = pd.DataFrame({'t': ['a', 'b', 'c']})",
+               f"run = nbparrot.map(df, 'Say {{t}}', {options})\nrun",
+               f"df.llm.map('Shout {{t}}', {options})",
+               "run"]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in sources])
+    NotebookClient(nb, timeout=60, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    check_lasting(nb)
+    for k in (1, 2, 3):  # panel() asserts there is exactly one final panel in the cell
+        assert summary(nb.cells[k]).startswith(f"run {1 if k != 2 else 2} finished: 3/3 answered"), k
+    assert preview_rows(nb.cells[3]) == 3
+
+
 def _env(cache: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("PYTEST_CURRENT_TEST", None)
