@@ -318,7 +318,7 @@ class Panel(_Ticker):
         if self._shown_in == _execution_count():
             return
         if self.run.done():
-            _display_static(self.run)
+            _display_static(self.run, self.preview)
             self._shown_in = _execution_count()
         else:
             self._display()
@@ -403,7 +403,7 @@ class StaticView(_Ticker):
         """Show the run again in the cell asking for it, unless that cell started it (and shows it)."""
         if self._shown_in == _execution_count():
             return
-        _display_static(self.run)
+        _display_static(self.run, self.preview)
         self._shown_in = _execution_count()
 
 
@@ -493,10 +493,10 @@ def _static_bundle(run: "Run", preview: bool = True) -> dict[str, str]:
     return {"text/html": body, "text/plain": f"nbparrot {run.summary()}"}
 
 
-def _display_static(run: "Run") -> None:
+def _display_static(run: "Run", preview: bool = True) -> None:
     from IPython.display import display
 
-    display(_static_bundle(run), raw=True)
+    display(_static_bundle(run, preview), raw=True)
 
 
 def _execution_count() -> int | None:
