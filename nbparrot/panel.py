@@ -345,20 +345,13 @@ class Panel(_Ticker):
         self.error.layout.display = None if self.error.value else "none"  # no empty line under the stats
 
     def close(self) -> None:
-        """Turn into a compact summary plus a preview of the first results."""
-        run = self.run
-        self._title()
-        self._answered()
-        ended = {"finished": "warning" if run.progress.failed else "success", "cancelled": "warning", "stopped": "warning"}
-        self.bar.bar_style = ended.get(run.status, "danger")
-        self.cancel_button.disabled = True
-        self.cancel_button.layout.display = "none"
-        self.error.value = ""
-        self.error.layout.display = "none"
-        self.stats.value = summary_html(run, preview=self.preview)
-        final = _static_bundle(run, self.preview)  # no widget view: it would not survive the kernel
+        """Replace every output showing the panel by the final static HTML (summary and, with
+        ``preview``, the first results), then close the widgets: nobody sees them any more, and
+        ipywidgets' registry would keep them, and through the Cancel handler the whole run."""
+        final = _static_bundle(self.run, self.preview)  # no widget view: it would not survive the kernel
         for handle in self._handles:
             handle.update(final, raw=True)
+        close_widgets(self.box, getattr(self, "question", None))
 
     def hide_preview(self) -> None:
         """Another view shows the answers (a comparison of variants): keep to the summary."""
@@ -497,6 +490,18 @@ def _display_static(run: "Run", preview: bool = True) -> None:
     from IPython.display import display
 
     display(_static_bundle(run, preview), raw=True)
+
+
+def close_widgets(*roots: Any) -> None:
+    """Close ``roots`` (None skipped), their children, layouts and styles: their comms, and their
+    entries in ipywidgets' registry, which would otherwise keep them (and their handlers) alive."""
+    stack = [root for root in roots if root is not None]
+    while stack:
+        widget = stack.pop()
+        stack.extend(getattr(widget, "children", ()))
+        stack.extend(part for part in (getattr(widget, "layout", None), getattr(widget, "style", None))
+                     if part is not None)
+        widget.close()
 
 
 def _execution_count() -> int | None:
