@@ -42,6 +42,7 @@ from .prepare import prepare
 from . import look
 
 from .headless import in_background, kernel_shell, run_coroutine
+from .panel import close_widgets
 from .pricing import cost_of, format_usd
 from .run import Run, live_runs, record_usage, session_usage
 from .stream import stream_chat
@@ -283,26 +284,26 @@ class NbparrotMagics(Magics):
             started = time.monotonic()
             try:
                 result = await stream_chat(endpoint, body, view.update, timeout=defaults.timeout)
-            except NbparrotError as exc:
-                view.fail(str(exc))
-                return
+                cost = cost_of(model, result.prompt_tokens, result.completion_tokens, base_url=endpoint.base_url)
+                record_usage(model, requests=1, prompt_tokens=result.prompt_tokens,
+                             completion_tokens=result.completion_tokens, cost=cost)
+                note = (f"{result.prompt_tokens + result.completion_tokens:,} tokens · "
+                        f"{format_usd(cost)} · {time.monotonic() - started:.1f}s")
+                view.update(result.texts, final=True, note=note)
+                if self._bind(args, result.texts, parsed_schema, view) and cache is not None:
+                    content = result.texts if args.n > 1 else result.texts[0]
+                    finish = result.finish_reasons if args.n > 1 else result.finish_reasons[0]
+                    cache.put(key, CachedAnswer(content, finish, result.prompt_tokens, result.completion_tokens, model))
             except asyncio.CancelledError:
                 if not view.stopping:
                     raise
                 view.stopped()
                 if not (parsed_schema is not None or args.json):  # a cut JSON answer would not parse
                     self._bind(args, view.texts, None)
-                return
-            cost = cost_of(model, result.prompt_tokens, result.completion_tokens, base_url=endpoint.base_url)
-            record_usage(model, requests=1, prompt_tokens=result.prompt_tokens,
-                         completion_tokens=result.completion_tokens, cost=cost)
-            note = (f"{result.prompt_tokens + result.completion_tokens:,} tokens · "
-                    f"{format_usd(cost)} · {time.monotonic() - started:.1f}s")
-            view.update(result.texts, final=True, note=note)
-            if self._bind(args, result.texts, parsed_schema, view) and cache is not None:
-                content = result.texts if args.n > 1 else result.texts[0]
-                finish = result.finish_reasons if args.n > 1 else result.finish_reasons[0]
-                cache.put(key, CachedAnswer(content, finish, result.prompt_tokens, result.completion_tokens, model))
+            except Exception as exc:  # noqa: BLE001 - any failure ends the stream on screen, saying why
+                view.fail(str(exc) if isinstance(exc, NbparrotError) else f"{type(exc).__name__}: {exc}")
+            finally:
+                view._end()  # whatever happened: no Stop button, no timer left behind
 
         try:
             loop = asyncio.get_running_loop()
@@ -393,8 +394,7 @@ class _StreamView:
         if self._controls is not None:
             self._controls.update(HTML(""))
             self._controls = None
-            for widget in (*self._box.children, self._box):
-                widget.close()  # their comms too: nothing is left to click
+            close_widgets(self._box)  # their comms, layouts and styles too: nothing is left to click
 
     def update(self, texts: list[str], final: bool = False, note: str = "") -> None:
         self.texts = list(texts)
@@ -421,8 +421,11 @@ class _StreamView:
                                                  f"~{tokens:,} tokens in (not cached)")
 
     def fail(self, message: str) -> None:
+        """The stream failed: the text that arrived (if any) stays, with the error under it."""
         self._end()
-        self._handle.update(_markdown(f"**nbparrot error:** {message}"), raw=True)
+        arrived = "\n\n".join(t for t in self.texts if t)
+        error = f"**nbparrot error:** {message}"
+        self._handle.update(_markdown(f"{arrived}\n\n{error}" if arrived else error), raw=True)
 
 
 def _markdown(text: str) -> dict[str, str]:

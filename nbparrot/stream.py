@@ -88,7 +88,12 @@ async def _read_events(response: aiohttp.ClientResponse, result: StreamResult,
         payload = line[5:].strip()
         if payload == b"[DONE]":
             break
-        event = json.loads(payload)
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            raise NbparrotError(f"the endpoint sent a malformed stream event: {payload[:80]!r}") from None
+        if not isinstance(event, dict):
+            raise NbparrotError(f"the endpoint sent a stream event that is not an object: {payload[:80]!r}")
         usage = event.get("usage")
         if usage:
             result.prompt_tokens = usage.get("prompt_tokens") or 0

@@ -44,6 +44,15 @@ def comparison_table(kernel: KernelHarness, cell) -> str:
     return wait_until(table, timeout=30, message="no comparison table")
 
 
+def final_markdown(kernel: KernelHarness, cell, needle: str) -> str:
+    """The last Markdown a stream cell shows once it holds ``needle`` (waited for, bounded)."""
+    def shown():
+        texts = [c["data"].get("text/markdown", "") for _, c in display_updates(kernel, cell)]
+        return next((t for t in reversed(texts) if needle in t), None)
+
+    return kernel.wait_for(shown, timeout=30, message=f"no output with {needle!r}")
+
+
 def test_one_prompt_streams_into_the_output_after_the_cell_returned(kernel):
     cell = kernel.execute("topic = 'owls'\n", check=True)
     cell = kernel.execute("%%llm -o answer\nTell me about {topic}.", check=True)
@@ -80,6 +89,17 @@ def test_a_stream_shows_it_is_going_and_stop_keeps_what_arrived(kernel, make_ser
     kernel.wait_for(lambda: slow.stats()["streams"] == 2, timeout=30,  # a stopped answer is not cached
                     message="the same prompt was answered without a request")
     kernel.click(kernel.wait_for_widget("Button", description="Stop"))
+
+
+def test_a_malformed_stream_says_so_and_takes_its_controls_away(kernel):
+    """A ``data:`` line that is not JSON mid-answer (``<<bad-sse>>``): the text that came stays with
+    the error under it, Stop and the still-going cue go."""
+    cell = kernel.execute("%%llm -o broken\nTell me a story <<bad-sse>>", check=True)
+    shown = final_markdown(kernel, cell, "nbparrot error")
+    assert "malformed stream event" in shown and shown.startswith("[")  # the answer so far, then the error
+    kernel.wait_for(lambda: not kernel.widgets(), timeout=10,
+                    message=lambda: f"the broken stream left widgets open: {kernel._widget_summary()}")
+    assert kernel.eval("'broken' in globals()") is False
 
 
 def test_json_output_and_the_cache(kernel):
