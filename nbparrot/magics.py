@@ -349,6 +349,8 @@ class _StreamView:
         self._controls: Any = None
         self._box: Any = None
         self._timer: asyncio.TimerHandle | None = None
+        # the IPython terminal prints every update in full (no display to redraw): the final text only
+        self._live = kernel_shell() is not None
 
     def controls(self, task: asyncio.Task) -> None:
         """Show Stop and the cue under the answer; Stop cancels ``task`` and keeps what arrived."""
@@ -399,7 +401,7 @@ class _StreamView:
     def update(self, texts: list[str], final: bool = False, note: str = "") -> None:
         self.texts = list(texts)
         now = time.monotonic()
-        if not final and now - self._last < _REFRESH:
+        if not final and (now - self._last < _REFRESH or not self._live):
             return
         self._last = now
         if final:

@@ -102,6 +102,26 @@ def test_a_malformed_stream_says_so_and_takes_its_controls_away(kernel):
     assert kernel.eval("'broken' in globals()") is False
 
 
+def test_the_ipython_terminal_prints_the_answer_once(make_server, tmp_path):
+    """No kernel, no display to redraw: the terminal would print the whole answer again on every
+    update, so it gets the final text only."""
+    import os
+    import subprocess
+
+    server = make_server(per_token_ms=15, completion_tokens=60)  # ~1 s of streaming: several updates
+    code = ("get_ipython().run_line_magic('load_ext', 'nbparrot')\n"
+            f"get_ipython().run_cell_magic('llm', '--base-url {server.base_url} -o answer', 'Tell me about owls.')\n"
+            "print('bound:', answer[:20])")
+    env = {**os.environ, "OPENAI_API_KEY": KEY, "NBPARROT_CACHE_DIR": str(tmp_path / "cache"),
+           "IPYTHONDIR": str(tmp_path / "ipython")}
+    out = subprocess.run([sys.executable, "-m", "IPython", "--no-banner", "--colors=NoColor", "-c", code],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    tag = expected_tag([{"role": "user", "content": "Tell me about owls."}])
+    assert out.stdout.count(f"[{tag}]") == 2, out.stdout  # the answer once, and the bound variable's print
+    assert "tokens" in out.stdout
+
+
 def test_json_output_and_the_cache(kernel):
     kernel.execute("thing = 'a kettle'", check=True)
     kernel.execute("%%llm --json -o data\nDescribe {thing} as JSON.", check=True)
