@@ -48,7 +48,7 @@ from .run import Run, live_runs, record_usage, session_usage
 from .stream import stream_chat
 from .structured import Schema
 from .templates import Template
-from .tokens import estimate_text_tokens
+from .tokens import estimate_prompt_tokens, estimate_text_tokens
 
 __all__ = ["NbparrotMagics", "load_ipython_extension"]
 
@@ -280,14 +280,28 @@ class NbparrotMagics(Magics):
                 record_usage(model, cached=1)
                 return
 
+        def spent(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float | None:
+            """Price the tokens and add them to the session's totals (``%llm cost``)."""
+            cost = cost_of(model, prompt_tokens, completion_tokens, cached_tokens, base_url=endpoint.base_url)
+            record_usage(model, requests=1, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost=cost)
+            return cost
+
+        def partly_paid() -> None:
+            """An answer cut short (Stop, a broken stream) was paid for as far as it came: our estimate."""
+            if any(view.texts):
+                spent(estimate_prompt_tokens(messages, model), sum(estimate_text_tokens(t) for t in view.texts))
+
         async def go() -> None:
             started = time.monotonic()
             try:
                 result = await stream_chat(endpoint, body, view.update, timeout=defaults.timeout)
-                cost = cost_of(model, result.prompt_tokens, result.completion_tokens, base_url=endpoint.base_url)
-                record_usage(model, requests=1, prompt_tokens=result.prompt_tokens,
-                             completion_tokens=result.completion_tokens, cost=cost)
-                note = (f"{result.prompt_tokens + result.completion_tokens:,} tokens · "
+                estimated = not result.usage_sent  # no usage from the endpoint: count our estimate, never zero
+                if estimated:
+                    result.prompt_tokens = estimate_prompt_tokens(messages, model)
+                    result.completion_tokens = sum(estimate_text_tokens(t) for t in result.texts)
+                cost = spent(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
+                note = (f"{'~' if estimated else ''}{result.prompt_tokens + result.completion_tokens:,} tokens"
+                        f"{' (estimated: the endpoint sent no usage)' if estimated else ''} · "
                         f"{format_usd(cost)} · {time.monotonic() - started:.1f}s")
                 view.update(result.texts, final=True, note=note)
                 if self._bind(args, result.texts, parsed_schema, view) and cache is not None:
@@ -295,12 +309,14 @@ class NbparrotMagics(Magics):
                     finish = result.finish_reasons if args.n > 1 else result.finish_reasons[0]
                     cache.put(key, CachedAnswer(content, finish, result.prompt_tokens, result.completion_tokens, model))
             except asyncio.CancelledError:
+                partly_paid()
                 if not view.stopping:
                     raise
                 view.stopped()
                 if not (parsed_schema is not None or args.json):  # a cut JSON answer would not parse
                     self._bind(args, view.texts, None)
             except Exception as exc:  # noqa: BLE001 - any failure ends the stream on screen, saying why
+                partly_paid()
                 view.fail(str(exc) if isinstance(exc, NbparrotError) else f"{type(exc).__name__}: {exc}")
             finally:
                 view._end()  # whatever happened: no Stop button, no timer left behind
