@@ -10,7 +10,8 @@ main thread or on a kernel subshell thread, and ``cancel`` is the thread-safe pa
 What lasts once the kernel is gone (a saved notebook reopened, GitHub, nbviewer): the panel is
 displayed with a display id and a static fallback (``text/html`` and ``text/plain``) beside the
 widget view, and when the run ends the whole output is replaced by ``final_html`` (summary and
-preview) with no widget view, which JupyterLab would otherwise render as "model not found". A
+preview) with no widget view, which JupyterLab would otherwise render as "model not found", and
+the widgets are closed (nothing keeps the finished run alive through them). A
 notebook executed headlessly gets a ``StaticView``: the same HTML, updated in place, no widget.
 """
 
