@@ -42,12 +42,13 @@ from .prepare import prepare
 from . import look
 
 from .headless import in_background, kernel_shell, run_coroutine
+from .panel import close_widgets
 from .pricing import cost_of, format_usd
 from .run import Run, live_runs, record_usage, session_usage
 from .stream import stream_chat
 from .structured import Schema
 from .templates import Template
-from .tokens import estimate_text_tokens
+from .tokens import estimate_prompt_tokens, estimate_text_tokens
 
 __all__ = ["NbparrotMagics", "load_ipython_extension"]
 
@@ -279,30 +280,46 @@ class NbparrotMagics(Magics):
                 record_usage(model, cached=1)
                 return
 
+        def spent(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float | None:
+            """Price the tokens and add them to the session's totals (``%llm cost``)."""
+            cost = cost_of(model, prompt_tokens, completion_tokens, cached_tokens, base_url=endpoint.base_url)
+            record_usage(model, requests=1, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost=cost)
+            return cost
+
+        def partly_paid() -> None:
+            """An answer cut short (Stop, a broken stream) was paid for as far as it came: our estimate."""
+            if any(view.texts):
+                spent(estimate_prompt_tokens(messages, model), sum(estimate_text_tokens(t) for t in view.texts))
+
         async def go() -> None:
             started = time.monotonic()
             try:
                 result = await stream_chat(endpoint, body, view.update, timeout=defaults.timeout)
-            except NbparrotError as exc:
-                view.fail(str(exc))
-                return
+                estimated = not result.usage_sent  # no usage from the endpoint: count our estimate, never zero
+                if estimated:
+                    result.prompt_tokens = estimate_prompt_tokens(messages, model)
+                    result.completion_tokens = sum(estimate_text_tokens(t) for t in result.texts)
+                cost = spent(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
+                note = (f"{'~' if estimated else ''}{result.prompt_tokens + result.completion_tokens:,} tokens"
+                        f"{' (estimated: the endpoint sent no usage)' if estimated else ''} · "
+                        f"{format_usd(cost)} · {time.monotonic() - started:.1f}s")
+                view.update(result.texts, final=True, note=note)
+                if self._bind(args, result.texts, parsed_schema, view) and cache is not None:
+                    content = result.texts if args.n > 1 else result.texts[0]
+                    finish = result.finish_reasons if args.n > 1 else result.finish_reasons[0]
+                    cache.put(key, CachedAnswer(content, finish, result.prompt_tokens, result.completion_tokens, model))
             except asyncio.CancelledError:
+                partly_paid()
                 if not view.stopping:
                     raise
                 view.stopped()
                 if not (parsed_schema is not None or args.json):  # a cut JSON answer would not parse
                     self._bind(args, view.texts, None)
-                return
-            cost = cost_of(model, result.prompt_tokens, result.completion_tokens, base_url=endpoint.base_url)
-            record_usage(model, requests=1, prompt_tokens=result.prompt_tokens,
-                         completion_tokens=result.completion_tokens, cost=cost)
-            note = (f"{result.prompt_tokens + result.completion_tokens:,} tokens · "
-                    f"{format_usd(cost)} · {time.monotonic() - started:.1f}s")
-            view.update(result.texts, final=True, note=note)
-            if self._bind(args, result.texts, parsed_schema, view) and cache is not None:
-                content = result.texts if args.n > 1 else result.texts[0]
-                finish = result.finish_reasons if args.n > 1 else result.finish_reasons[0]
-                cache.put(key, CachedAnswer(content, finish, result.prompt_tokens, result.completion_tokens, model))
+            except Exception as exc:  # noqa: BLE001 - any failure ends the stream on screen, saying why
+                partly_paid()
+                view.fail(str(exc) if isinstance(exc, NbparrotError) else f"{type(exc).__name__}: {exc}")
+            finally:
+                view._end()  # whatever happened: no Stop button, no timer left behind
 
         try:
             loop = asyncio.get_running_loop()
@@ -348,6 +365,8 @@ class _StreamView:
         self._controls: Any = None
         self._box: Any = None
         self._timer: asyncio.TimerHandle | None = None
+        # the IPython terminal prints every update in full (no display to redraw): the final text only
+        self._live = kernel_shell() is not None
 
     def controls(self, task: asyncio.Task) -> None:
         """Show Stop and the cue under the answer; Stop cancels ``task`` and keeps what arrived."""
@@ -393,13 +412,12 @@ class _StreamView:
         if self._controls is not None:
             self._controls.update(HTML(""))
             self._controls = None
-            for widget in (*self._box.children, self._box):
-                widget.close()  # their comms too: nothing is left to click
+            close_widgets(self._box)  # their comms, layouts and styles too: nothing is left to click
 
     def update(self, texts: list[str], final: bool = False, note: str = "") -> None:
         self.texts = list(texts)
         now = time.monotonic()
-        if not final and now - self._last < _REFRESH:
+        if not final and (now - self._last < _REFRESH or not self._live):
             return
         self._last = now
         if final:
@@ -421,8 +439,11 @@ class _StreamView:
                                                  f"~{tokens:,} tokens in (not cached)")
 
     def fail(self, message: str) -> None:
+        """The stream failed: the text that arrived (if any) stays, with the error under it."""
         self._end()
-        self._handle.update(_markdown(f"**nbparrot error:** {message}"), raw=True)
+        arrived = "\n\n".join(t for t in self.texts if t)
+        error = f"**nbparrot error:** {message}"
+        self._handle.update(_markdown(f"{arrived}\n\n{error}" if arrived else error), raw=True)
 
 
 def _markdown(text: str) -> dict[str, str]:

@@ -10,7 +10,8 @@ main thread or on a kernel subshell thread, and ``cancel`` is the thread-safe pa
 What lasts once the kernel is gone (a saved notebook reopened, GitHub, nbviewer): the panel is
 displayed with a display id and a static fallback (``text/html`` and ``text/plain``) beside the
 widget view, and when the run ends the whole output is replaced by ``final_html`` (summary and
-preview) with no widget view, which JupyterLab would otherwise render as "model not found". A
+preview) with no widget view, which JupyterLab would otherwise render as "model not found", and
+the widgets are closed (nothing keeps the finished run alive through them). A
 notebook executed headlessly gets a ``StaticView``: the same HTML, updated in place, no widget.
 """
 
@@ -318,7 +319,7 @@ class Panel(_Ticker):
         if self._shown_in == _execution_count():
             return
         if self.run.done():
-            _display_static(self.run)
+            _display_static(self.run, self.preview)
             self._shown_in = _execution_count()
         else:
             self._display()
@@ -345,20 +346,13 @@ class Panel(_Ticker):
         self.error.layout.display = None if self.error.value else "none"  # no empty line under the stats
 
     def close(self) -> None:
-        """Turn into a compact summary plus a preview of the first results."""
-        run = self.run
-        self._title()
-        self._answered()
-        ended = {"finished": "warning" if run.progress.failed else "success", "cancelled": "warning", "stopped": "warning"}
-        self.bar.bar_style = ended.get(run.status, "danger")
-        self.cancel_button.disabled = True
-        self.cancel_button.layout.display = "none"
-        self.error.value = ""
-        self.error.layout.display = "none"
-        self.stats.value = summary_html(run, preview=self.preview)
-        final = _static_bundle(run, self.preview)  # no widget view: it would not survive the kernel
+        """Replace every output showing the panel by the final static HTML (summary and, with
+        ``preview``, the first results), then close the widgets: nobody sees them any more, and
+        ipywidgets' registry would keep them, and through the Cancel handler the whole run."""
+        final = _static_bundle(self.run, self.preview)  # no widget view: it would not survive the kernel
         for handle in self._handles:
             handle.update(final, raw=True)
+        close_widgets(self.box, getattr(self, "question", None))
 
     def hide_preview(self) -> None:
         """Another view shows the answers (a comparison of variants): keep to the summary."""
@@ -378,12 +372,14 @@ class StaticView(_Ticker):
         self.preview = True  # as Panel.preview
         self._output: Any = None
         self._last: dict = {}
+        self._shown_in: int | None = None
 
     def started(self) -> None:
         from IPython.display import display
 
         self._last = _static_bundle(self.run)
         self._output = display(self._last, raw=True, display_id=True)
+        self._shown_in = _execution_count()
         super().started()
 
     def refresh(self) -> None:
@@ -398,8 +394,11 @@ class StaticView(_Ticker):
         self.refresh()
 
     def display_again(self) -> None:
-        """Show the run again in the cell asking for it."""
-        _display_static(self.run)
+        """Show the run again in the cell asking for it, unless that cell started it (and shows it)."""
+        if self._shown_in == _execution_count():
+            return
+        _display_static(self.run, self.preview)
+        self._shown_in = _execution_count()
 
 
 def title_html(run: "Run") -> str:
@@ -488,10 +487,22 @@ def _static_bundle(run: "Run", preview: bool = True) -> dict[str, str]:
     return {"text/html": body, "text/plain": f"nbparrot {run.summary()}"}
 
 
-def _display_static(run: "Run") -> None:
+def _display_static(run: "Run", preview: bool = True) -> None:
     from IPython.display import display
 
-    display(_static_bundle(run), raw=True)
+    display(_static_bundle(run, preview), raw=True)
+
+
+def close_widgets(*roots: Any) -> None:
+    """Close ``roots`` (None skipped), their children, layouts and styles: their comms, and their
+    entries in ipywidgets' registry, which would otherwise keep them (and their handlers) alive."""
+    stack = [root for root in roots if root is not None]
+    while stack:
+        widget = stack.pop()
+        stack.extend(getattr(widget, "children", ()))
+        stack.extend(part for part in (getattr(widget, "layout", None), getattr(widget, "style", None))
+                     if part is not None)
+        widget.close()
 
 
 def _execution_count() -> int | None:

@@ -200,7 +200,11 @@ class Run:
         _live.pop(self.id, None)
         self._record_usage()
         self._finished.set()
-        self.view.finished()
+        try:
+            self.view.finished()
+        except Exception as exc:  # noqa: BLE001 - a display failure must not break the run's end (or its cell)
+            warnings.warn(f"nbparrot: run {self.id} ended, but its final display failed "
+                          f"({type(exc).__name__}: {exc}); the results are complete", RuntimeWarning, stacklevel=2)
 
     def _record_usage(self) -> None:
         """Add this run's requests and tokens to the session's totals (once, as it ends)."""

@@ -23,15 +23,18 @@ from .transport import TRANSIENT_ERRORS
 __all__ = ["StreamResult", "stream_chat"]
 
 class StreamResult:
-    """The streamed answer: texts per choice, finish reasons and usage."""
+    """The streamed answer: texts per choice, finish reasons and usage (``usage_sent`` False when
+    the endpoint sent none: the token counts are then 0, for the caller to estimate)."""
 
-    __slots__ = ("texts", "finish_reasons", "prompt_tokens", "completion_tokens")
+    __slots__ = ("texts", "finish_reasons", "prompt_tokens", "completion_tokens", "cached_tokens", "usage_sent")
 
     def __init__(self, n: int):
         self.texts = [""] * n
         self.finish_reasons: list[Any] = [None] * n
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cached_tokens = 0  # prompt tokens served from the provider's prompt cache (cheaper)
+        self.usage_sent = False
 
 
 async def stream_chat(endpoint: Endpoint, body: dict, on_text: Callable[[list[str]], None], *,
@@ -88,11 +91,19 @@ async def _read_events(response: aiohttp.ClientResponse, result: StreamResult,
         payload = line[5:].strip()
         if payload == b"[DONE]":
             break
-        event = json.loads(payload)
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            raise NbparrotError(f"the endpoint sent a malformed stream event: {payload[:80]!r}") from None
+        if not isinstance(event, dict):
+            raise NbparrotError(f"the endpoint sent a stream event that is not an object: {payload[:80]!r}")
         usage = event.get("usage")
-        if usage:
+        if isinstance(usage, dict):
+            result.usage_sent = True
             result.prompt_tokens = usage.get("prompt_tokens") or 0
             result.completion_tokens = usage.get("completion_tokens") or 0
+            details = usage.get("prompt_tokens_details")
+            result.cached_tokens = (details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
         changed = False
         for choice in event.get("choices") or ():
             index = choice.get("index", 0)

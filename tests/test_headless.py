@@ -210,6 +210,33 @@ def test_the_client_decides_where_a_run_goes_and_configure_overrides_it(make_ser
         assert wrong.error is not None and wrong.error.ename == "ConfigError" and "background" in wrong.error.evalue
 
 
+def test_a_cell_ending_in_its_run_saves_it_once_and_a_hidden_preview_stays_hidden(make_server, tmp_path, monkeypatch):
+    """nbclient runs a cell that starts a run and names it last (``run``, ``df.llm.map(...)``): the
+    saved cell holds one final panel, not two; a comparison's run shown again keeps to its summary."""
+    from nbclient import NotebookClient
+
+    server = make_server()
+    monkeypatch.setenv("NBPARROT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    options = f"base_url={server.base_url!r}"
+    sources = ["import nbparrot, pandas as pd\ndf = pd.DataFrame({'t': ['a', 'b', 'c']})",
+               f"run = nbparrot.map(df, 'Say {{t}}', {options})\nrun",
+               f"df.llm.map('Shout {{t}}', {options})",
+               "run",
+               f"nbparrot.configure({options})",
+               "%%llm --over df -o cmp\nSay {t}\n---\nWhisper {t}",
+               "cmp"]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in sources])
+    NotebookClient(nb, timeout=60, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    check_lasting(nb)
+    for k in (1, 2, 3):  # panel() asserts there is exactly one final panel in the cell
+        assert summary(nb.cells[k]).startswith(f"run {1 if k != 2 else 2} finished: 3/3 answered"), k
+    assert preview_rows(nb.cells[3]) == 3
+    assert "nbparrot-compare" in html(nb.cells[5]) and "nbparrot-preview" not in panel(nb.cells[5])
+    assert summary(nb.cells[6]).startswith("run 3 finished: 6/6 answered")
+    assert "nbparrot-preview" not in panel(nb.cells[6]), "the comparison's run shown again brings its preview back"
+
+
 def _env(cache: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("PYTEST_CURRENT_TEST", None)

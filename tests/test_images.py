@@ -299,6 +299,30 @@ def test_thumbnails_in_the_preview_and_the_comparison(tmp_path, make_server):
     assert comparison_html(compare, ["Describe {photo}", "Name {photo}"]).count("<img src='data:image/jpeg") == 3
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that claims ``width`` x ``height`` pixels: its signature and header chunk, no pixels."""
+    import struct
+    import zlib
+
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", 13) + ihdr + struct.pack(">I", zlib.crc32(ihdr))
+    end = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+    return b"\x89PNG\r\n\x1a\n" + chunk + end
+
+
+def test_a_decompression_bomb_gets_a_tag_and_the_preview_still_renders(make_server):
+    """Pillow refuses a 20000 x 20000 image (a decompression bomb): the thumbnail says so, nothing raises."""
+    from nbparrot.panel import final_html
+
+    bomb = _png_header(20000, 20000)
+    assert ">?<" in thumbnail_html(bomb)
+    server = make_server()
+    run = nbparrot.map(pd.DataFrame({"photo": [bomb]}), "Describe {photo}", images=["photo"], **opts(server))
+    run.result()
+    shown = final_html(run)
+    assert "nbparrot-preview" in shown and ">?<" in shown
+
+
 # ---- the magics, in a real kernel ------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -44,6 +45,24 @@ def comparison_table(kernel: KernelHarness, cell) -> str:
     return wait_until(table, timeout=30, message="no comparison table")
 
 
+def cost_row(kernel: KernelHarness, model: str = "gpt-4o-mini") -> tuple[int, int, int, str]:
+    """``%llm cost``'s row for ``model``: requests, prompt tokens, completion tokens, cost."""
+    table = kernel.execute("%llm cost", check=True).execute_result["text/html"]
+    found = re.search(rf"<tr><td>{re.escape(model)}</td><td>([\d,]+)</td><td>([\d,]+)</td><td>([\d,]+)</td>"
+                      r"<td>[\d,]+</td><td>([^<]*)</td>", table)
+    assert found, table
+    return (*(int(found.group(k).replace(",", "")) for k in (1, 2, 3)), found.group(4))
+
+
+def final_markdown(kernel: KernelHarness, cell, needle: str) -> str:
+    """The last Markdown a stream cell shows once it holds ``needle`` (waited for, bounded)."""
+    def shown():
+        texts = [c["data"].get("text/markdown", "") for _, c in display_updates(kernel, cell)]
+        return next((t for t in reversed(texts) if needle in t), None)
+
+    return kernel.wait_for(shown, timeout=30, message=f"no output with {needle!r}")
+
+
 def test_one_prompt_streams_into_the_output_after_the_cell_returned(kernel):
     cell = kernel.execute("topic = 'owls'\n", check=True)
     cell = kernel.execute("%%llm -o answer\nTell me about {topic}.", check=True)
@@ -74,12 +93,68 @@ def test_a_stream_shows_it_is_going_and_stop_keeps_what_arrived(kernel, make_ser
     assert "stopped after" in answer and answer.startswith(story) and 0 < len(story) < 3000 * 3
     assert final[-1].get("text/html") == "" or any(d.get("text/html") == "" for d in final), "the controls stay"
     assert slow.stats()["streams"] == 1
+    requests, prompt, completion, _ = cost_row(kernel)  # the stopped answer was paid for as far as it came
+    assert requests == 1 and prompt > 0 and 0 < completion < 3000
     kernel.wait_for(lambda: not kernel.find_widgets("Button", description="Stop"), timeout=10,
                     message="the stopped stream's Stop button is left open")
     kernel.execute(f"%%llm --base-url {slow.base_url} --max-tokens 3000 -o again\nTell me a long story.", check=True)
     kernel.wait_for(lambda: slow.stats()["streams"] == 2, timeout=30,  # a stopped answer is not cached
                     message="the same prompt was answered without a request")
     kernel.click(kernel.wait_for_widget("Button", description="Stop"))
+
+
+def test_a_malformed_stream_says_so_and_takes_its_controls_away(kernel):
+    """A ``data:`` line that is not JSON mid-answer (``<<bad-sse>>``): the text that came stays with
+    the error under it, Stop and the still-going cue go, and the tokens that came are counted."""
+    cell = kernel.execute("%%llm -o broken\nTell me a story <<bad-sse>>", check=True)
+    shown = final_markdown(kernel, cell, "nbparrot error")
+    assert "malformed stream event" in shown and shown.startswith("[")  # the answer so far, then the error
+    kernel.wait_for(lambda: not kernel.widgets(), timeout=10,
+                    message=lambda: f"the broken stream left widgets open: {kernel._widget_summary()}")
+    assert kernel.eval("'broken' in globals()") is False
+    requests, prompt, completion, _ = cost_row(kernel)
+    assert requests == 1 and prompt > 0 and completion > 0
+
+
+def test_cached_prompt_tokens_are_priced_as_such(kernel):
+    """The server's prompt cache answers a repeated 1,024+ token prompt: the stream's usage says so
+    (``prompt_tokens_details.cached_tokens``) and the second answer costs less."""
+    kernel.execute("long = ' '.join(f'word{i}' for i in range(1200))", check=True)
+    notes = []
+    for name in ("first", "second"):
+        cell = kernel.execute(f"%%llm --no-cache -o {name}\nSummarize: {{long}}", check=True)
+        notes.append(re.search(r"tokens · \$([\d.]+)", final_markdown(kernel, cell, "tokens · $")).group(1))
+    assert kernel.server.stats()["cached_tokens"] > 0
+    assert float(notes[1]) < float(notes[0]), notes
+
+
+def test_the_ipython_terminal_prints_the_answer_once(make_server, tmp_path):
+    """No kernel, no display to redraw: the terminal would print the whole answer again on every
+    update, so it gets the final text only."""
+    import os
+    import subprocess
+
+    server = make_server(per_token_ms=15, completion_tokens=60)  # ~1 s of streaming: several updates
+    code = ("get_ipython().run_line_magic('load_ext', 'nbparrot')\n"
+            f"get_ipython().run_cell_magic('llm', '--base-url {server.base_url} -o answer', 'Tell me about owls.')\n"
+            "print('bound:', answer[:20])")
+    env = {**os.environ, "OPENAI_API_KEY": KEY, "NBPARROT_CACHE_DIR": str(tmp_path / "cache"),
+           "IPYTHONDIR": str(tmp_path / "ipython")}
+    out = subprocess.run([sys.executable, "-m", "IPython", "--no-banner", "--colors=NoColor", "-c", code],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    tag = expected_tag([{"role": "user", "content": "Tell me about owls."}])
+    assert out.stdout.count(f"[{tag}]") == 2, out.stdout  # the answer once, and the bound variable's print
+    assert "tokens" in out.stdout
+
+
+def test_a_stream_without_usage_counts_its_estimate(kernel, make_server):
+    """An endpoint that sends no usage in its stream: the tokens are our estimate, said so, never zero."""
+    bare = make_server(usage=False)
+    cell = kernel.execute(f"%%llm --base-url {bare.base_url}\nHello there.", check=True)
+    assert "(estimated: the endpoint sent no usage)" in final_markdown(kernel, cell, "tokens")
+    requests, prompt, completion, _ = cost_row(kernel)
+    assert requests == 1 and prompt > 0 and completion > 0
 
 
 def test_json_output_and_the_cache(kernel):

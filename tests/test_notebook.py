@@ -53,9 +53,6 @@ def test_cell_returns_at_once_and_the_panel_moves_while_no_cell_runs(kernel, mak
                             check=True, timeout=60)
     assert result.stdout == "120 120 finished\n"
     assert kernel.widget(bar)["value"] == 1.0
-    # the finished panel turned into a summary and a preview of prompt beside answer
-    summary = [s for s in kernel.find_widgets("HTML").values() if "nbparrot-summary" in s.get("value", "")]
-    assert summary and "120/120 answered" in summary[0]["value"] and "nbparrot-preview" in summary[0]["value"]
     # the output: the widget view with a static fallback, replaced once the run ended by static HTML
     # alone (a saved notebook reopened under a new kernel has no widget model to show)
     shown = [d for d in started.displays if WIDGET_VIEW in d]
@@ -65,6 +62,9 @@ def test_cell_returns_at_once_and_the_panel_moves_while_no_cell_runs(kernel, mak
                        message="the panel was not replaced by its final HTML")
     assert len(final) == 1 and WIDGET_VIEW not in final[0] and "120/120 answered" in final[0]["text/html"]
     assert "nbparrot-preview" in final[0]["text/html"] and "120/120 answered" in final[0]["text/plain"]
+    # nobody sees the widgets any more: every one of them closed (the harness mirrors open comms)
+    wait_until(lambda: not kernel.widgets(), timeout=10,
+               message=lambda: f"the finished panel's widgets stay open: {kernel._widget_summary()}")
     again = kernel.execute("run", check=True)  # shown again once finished: static only
     assert again.displays and all(WIDGET_VIEW not in d and "nbparrot-final" in d["text/html"] for d in again.displays)
 
@@ -124,15 +124,31 @@ def test_two_runs_at_once_cancel_one_and_the_other_finishes(kernel, make_server)
 
 def test_a_failing_run_shows_its_error_in_the_panel_and_on_await(kernel, make_server):
     server = make_server(api_key="sk-the-right-one-000000")
-    start_run(kernel, server, rows=50)
+    started = start_run(kernel, server, rows=50)
     result = kernel.execute("await run", timeout=30)
     assert result.error is not None and result.error.ename == "AuthenticationError"
     assert KEY not in result.error.text
-    wait_until(lambda: any("stopped:" in s.get("value", "") and "401" in s.get("value", "")
-                           for s in kernel.find_widgets("HTML").values()), timeout=10,
-               message="the panel does not show the error")
-    assert all(KEY not in json.dumps(s) for s in kernel.widgets().values())
+    shown = wait_until(lambda: [c["data"]["text/html"] for _, c in kernel.display_updates(started)
+                                if "nbparrot-final" in c["data"].get("text/html", "")], timeout=10,
+                       message="the panel was not replaced by its final HTML")
+    assert "stopped:" in shown[-1] and "401" in shown[-1], "the panel does not show the error"
+    assert all(KEY not in json.dumps(s) for s in kernel.widgets().values()) and KEY not in json.dumps(shown)
     assert server.stats()["requests"] == 1
+
+
+def test_a_finished_panel_lets_go_of_its_widgets_and_its_run(kernel, make_server):
+    """Once the static HTML replaced it, the panel closes every widget (comms, ipywidgets' registry,
+    the Cancel handler holding the run): nothing keeps the finished run and its outcomes alive."""
+    server = make_server()
+    start_run(kernel, server, rows=20)
+    kernel.wait_for_widget("Button", description="Cancel")
+    report = kernel.execute(
+        "import asyncio, gc, weakref\nfrom ipywidgets.widgets.widget import _instances\n"
+        "await asyncio.wait({run._task})\ngone = weakref.ref(run)\ndel run\ngc.collect()\n"
+        "print(len(_instances), gone() is None)", check=True, timeout=60)
+    assert report.stdout == "0 True\n"
+    wait_until(lambda: not kernel.widgets(), timeout=10,
+               message=lambda: f"widgets left open: {kernel._widget_summary()}")
 
 
 def test_result_before_the_end_says_to_await_and_column_assignment_is_refused(kernel, make_server):

@@ -2,8 +2,8 @@
 
 A thumbnail is a data-URL ``<img>`` (JPEG, at most ``THUMB_PX`` on its long side, a few KB), so it
 is part of the output and stays in the saved notebook. A URL is shown by the browser from the URL
-itself (nbparrot fetches nothing); a PDF as a small "PDF" tag; a value that cannot be read as a
-"?" tag whose tooltip says why.
+itself (nbparrot fetches nothing); a PDF as a small "PDF" tag; a value that cannot be read (a decompression bomb
+too) as a "?" tag whose tooltip says why: a thumbnail never breaks the view it is in.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def thumbnail_html(value: Any, px: int = THUMB_PX) -> str:
             small = _flatten(small) if "A" in small.mode or "transparency" in small.info else small.convert("RGB")
         out = io.BytesIO()
         small.save(out, "JPEG", quality=70)
-    except (MediaError, ImportError, OSError, ValueError, SyntaxError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any decode error (a decompression bomb too): a thumbnail never breaks a view
         why = html.escape(str(exc) if isinstance(exc, MediaError) else f"{part.label()}: {type(exc).__name__}", quote=True)
         return f"<span title='{why}' style='{_TAG}'>?</span>"
     data = base64.b64encode(out.getvalue()).decode("ascii")

@@ -50,6 +50,7 @@ from .app import build_app, serve
 from .batches import _Batch, _StoredFile
 from .cli import add_arguments, config_from_args, config_to_argv, main
 from .config import (
+    BAD_SSE_MARKER,
     BATCH_ENDPOINT,
     BATCH_FAIL_MARKER,
     BATCH_MAX_BYTES,

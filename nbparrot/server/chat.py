@@ -27,6 +27,7 @@ from typing import Any
 from aiohttp import web
 
 from .config import (
+    BAD_SSE_MARKER,
     DEFAULT_MAX_TOKENS_CHARGE,
     HUGE_ANSWER_MARKER,
     HUGE_JUNK_MARKER,
@@ -350,7 +351,7 @@ class _ChatEndpoint:
             stats.streams += 1
             return await self.stream(request, headers, completion_id, created, model, contents, finishes, counts,
                                      usage if include_usage else None, include_usage, reset=fault == "reset",
-                                     logprobs=logprobs)
+                                     logprobs=logprobs, bad_event=BAD_SSE_MARKER in last_user)
         payload = json.dumps(_completion(completion_id, created, model, contents, finishes, usage, refusal,
                                          logprobs)).encode()
         if fault == "reset":
@@ -385,10 +386,11 @@ class _ChatEndpoint:
     async def stream(self, request: web.Request, headers: dict[str, str], completion_id: str, created: int,
                      model: str, contents: list[str], finishes: list[str], counts: list[int],
                      usage: dict | None, include_usage: bool, reset: bool,
-                     logprobs: list[dict | None] | None = None) -> web.StreamResponse:
+                     logprobs: list[dict | None] | None = None, bad_event: bool = False) -> web.StreamResponse:
         """Send the answer as SSE chat.completion.chunk events, one choice after the other.
 
         A chunk carries a word and the spaces after it; with logprobs, one logprob token and its entry.
+        ``bad_event``: a ``data:`` line that is not JSON in the middle (a broken gateway, for tests).
         """
         per_token = self.config.per_token_ms
         head = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -421,6 +423,8 @@ class _ChatEndpoint:
             events.append((event([{"index": i, "delta": {}, "logprobs": None, "finish_reason": finishes[i]}]), 0.0))
         if usage is not None:
             events.append((event([], usage=usage), 0.0))
+        if bad_event:
+            events.insert(len(events) // 2, (b"data: {\"choices\": [\n\n", 0.0))
         events.append((b"data: [DONE]\n\n", 0.0))
 
         resp = web.StreamResponse(status=200, headers=headers)

@@ -60,6 +60,7 @@ NULL_CONTENT_MARKER = "<<null-content>>"  # in the last user message: every choi
 REFUSAL_MARKER = "<<refusal>>"  # in the last user message: content null and a refusal, as OpenAI sends one
 HUGE_ANSWER_MARKER = "<<huge-answer>>"  # in the last user message: a valid answer of huge_bytes, with its length
 HUGE_JUNK_MARKER = "<<huge-junk>>"  # in the last user message: huge_bytes of non-JSON, chunked, no length
+BAD_SSE_MARKER = "<<bad-sse>>"  # in the last user message of a stream: a malformed data: line mid-answer
 YES_MARKER = "<<yes>>"  # in the last user message: boolean fields of a structured answer are true
 NO_MARKER = "<<no>>"  # in the last user message: boolean fields are false (<<yes>> wins if both)
 HARD_MARKER = "<<hard>>"  # in the last user message: mock-weak gets the decision wrong, with low confidence
