@@ -18,13 +18,12 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import unquote, urlencode, urlsplit
 
-from .errors import ConfigError, redact, redact_url
+from .errors import ConfigError, redact, redact_url, secret_header
 
 __all__ = ["Defaults", "defaults", "configure", "Endpoint", "resolve_endpoint", "OPENAI_URL"]
 
 OPENAI_URL = "https://api.openai.com/v1"
 AZURE_HOSTS = (".openai.azure.com", ".cognitiveservices.azure.com")
-SECRET_HEADERS = frozenset({"authorization", "api-key", "proxy-authorization", "x-api-key", "cookie"})
 
 
 @dataclass
@@ -131,7 +130,7 @@ class Endpoint:
         if self.basic_auth is not None:
             text = redact(text, self.basic_auth[1])
         for name, value in self.extra_headers:  # a token in a client's default headers
-            if name.lower() in SECRET_HEADERS:
+            if secret_header(name):
                 text = redact(text, value.split(" ", 1)[-1])
         return redact(text, self.api_key)
 

@@ -29,6 +29,7 @@ __all__ = [
     "RunCancelledError",
     "redact",
     "redact_url",
+    "secret_header",
     "error_fields",
     "fatal_error",
     "describe_error",
@@ -126,6 +127,17 @@ def _looks_like_key(segment: str) -> bool:
     return len(segment) >= 16 and any(
         len(chunk) >= 16 and not chunk.isalpha() and not chunk.isdigit()
         for chunk in re.split(r"[-_.~%]", segment))
+
+
+_SECRET_WORDS = ("key", "token", "auth", "secret", "password", "cookie")
+
+
+def secret_header(name: str) -> bool:
+    """Whether a header carries a credential (its name holds key, token, auth, secret, password or cookie:
+    Authorization, api-key, x-goog-api-key, Ocp-Apim-Subscription-Key, X-Portkey-Api-Key, Cookie, ...).
+    The one rule for what is never shown, here and in the bundled server's /stats."""
+    name = name.lower()
+    return any(word in name for word in _SECRET_WORDS)
 
 
 def redact_url(url: str) -> str:
