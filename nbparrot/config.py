@@ -126,10 +126,11 @@ class Endpoint:
         return redact_url(self.chat_url)
 
     def redact(self, text: str) -> str:
-        """``text`` without this endpoint's key, password, or any URL's credentials and key-looking path."""
+        """``text`` without this endpoint's key, password, key-like headers and query values, or any URL's
+        credentials, key-looking path and query values (see ``redact_url``)."""
         if self.basic_auth is not None:
             text = redact(text, self.basic_auth[1])
-        for name, value in self.extra_headers:  # a token in a client's default headers
+        for name, value in (*self.extra_headers, *self.query):  # a token in a client's default headers or query
             if secret_header(name):
                 text = redact(text, value.split(" ", 1)[-1])
         return redact(text, self.api_key)

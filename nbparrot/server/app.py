@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..errors import secret_header
+from ..errors import SHOWN_QUERY, secret_header
 from .batches import _Batch, _BatchEndpoints
 from .chat import _ChatEndpoint
 from .config import ServerConfig, check_loopback
@@ -161,7 +161,8 @@ def _described(request: web.Request) -> dict:
     headers = request.headers
     auth = headers.get("Authorization", "")
     scheme = "api-key" if "api-key" in headers else auth.split(" ", 1)[0].lower() if auth else None
-    return {"auth": scheme, "query": dict(request.query), "path": request.path,
+    query = {k: v if k.lower() in SHOWN_QUERY else "***" for k, v in request.query.items()}
+    return {"auth": scheme, "query": query, "path": request.path,
             "headers": {k.lower(): v for k, v in headers.items() if not secret_header(k)}}
 
 
