@@ -17,8 +17,10 @@ text kept.
 A batch is planned (every row rendered, keyed, looked up in the cache and costed) before
 ``map`` returns, in a notebook too: its ``max_cost`` check needs the whole estimate, and the
 JSONL files hold every line at once anyway. Batch mode is not built for a million rows in
-one kernel the way a live run is. With images, each line is built once to size it and again
-when its file is uploaded, so no more than one file's images (200 MB) are held encoded.
+one kernel the way a live run is. Each line is built once, its images read, scaled and encoded
+in a thread (the loop, and Cancel, stay free), and a file is uploaded as soon as the next line
+would not fit in it, so no more than one file's lines (200 MB) are held at a time. Each batch's
+metadata names the rows its file holds, which is how a rerun knows the job was submitted whole.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import aiohttp
 from .engine import FAILED, OK, Engine
 from .engine.words import cause, status_cause
 from .errors import FatalError, describe_error, error_fields, fatal_error
-from .images.parts import MediaError
+from .images.parts import MediaError, encode_messages
 from .transport import TRANSIENT_ERRORS
 
 __all__ = ["BatchEngine"]
@@ -91,78 +93,95 @@ class BatchEngine(Engine):
 
     # ---- submitting ---------------------------------------------------------------------
 
-    def _jsonl(self, row: int) -> bytes:
-        """Row ``row``'s JSONL line, with a ``custom_id`` that is stable across reruns: row and request key
-        (``MediaError`` for an image that cannot be read or sent)."""
-        custom_id = f"{row}-{self._keys[row][:16]}"
-        body = {**self.params, "messages": self._messages(row)}
-        self._ids[custom_id] = row
-        return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
-                           "body": body}).encode()
+    def _custom_id(self, row: int) -> str:
+        """Row ``row``'s ``custom_id``, stable across reruns: its row and request key."""
+        return f"{row}-{self._keys[row][:16]}"
 
-    def _lines(self, rows: list[int]) -> list[tuple[int, bytes | int]]:
-        """Each row's line; with images only its size (lines are built again file by file, so no more than
-        one file's images are held encoded). A row whose image cannot be sent fails; the others go."""
-        lines: list[tuple[int, bytes | int]] = []
-        for row in rows:
+    async def _build(self, row: int) -> bytes:
+        """Row ``row``'s JSONL line (``MediaError`` for an image that cannot be read or sent). Images are read,
+        scaled and base64-encoded in a thread, as a live run does, so the loop (and Cancel) stays free."""
+        head = b"".join((b'{"custom_id": ', json.dumps(self._custom_id(row)).encode(),
+                         b', "method": "POST", "url": "/v1/chat/completions", "body": ', self._prefix))
+        messages = self._messages(row, wire=False)
+        if self._media:
+            return await self._loop.run_in_executor(None, encode_messages, messages, head, b"}}")
+        return b"".join((head, json.dumps(messages).encode(), b"}}"))
+
+    async def _submit_or_reattach(self, rows: list[int]) -> None:
+        self._ids = {self._custom_id(row): row for row in rows}
+        self._job = hashlib.sha256("\n".join([self.endpoint.base_url, *self._ids]).encode()).hexdigest()
+        if self.cache is not None and await self._reattach(rows):
+            return
+        await self._submit(rows)
+
+    async def _reattach(self, rows: list[int]) -> bool:
+        """Follow the batches this job submitted earlier, if all are still going and together hold every row."""
+        known = self.cache.job_batches(self._job)  # type: ignore[union-attr]
+        spans: list[tuple[int, int, str, dict]] = []
+        for batch_id in known:
+            batch = await self._get(f"/batches/{batch_id}")
+            span = _span((batch.get("metadata") or {}).get("nbparrot_rows"))
+            if batch.get("status") in ("failed", "expired", "cancelled", "cancelling") or span is None:
+                return False
+            spans.append((*span, batch_id, batch))
+        spans.sort()
+        ends = [0] + [end for _, end, _, _ in spans]
+        if not spans or [start for start, _, _, _ in spans] != ends[:-1] or ends[-1] != len(rows):
+            return False  # a submission cut short (or another shape): submitted afresh
+        for start, end, batch_id, batch in spans:
+            self.batch_ids.append(batch_id)
+            self.batches[batch_id] = batch
+            self._rows[batch_id] = rows[start:end]
+        progress = self.progress
+        progress.in_flight += progress.queued
+        progress.queued = 0
+        progress.note = f"reattached to {len(spans)} batch(es) submitted earlier: {', '.join(self.batch_ids)}"
+        return True
+
+    async def _submit(self, rows: list[int]) -> None:
+        """Build each row's line once and upload a file whenever the next line would pass a file's limits, so
+        no more than one file's lines (200 MB) are held. A row whose image cannot be sent fails; the others go."""
+        lines: list[tuple[int, bytes]] = []
+        size, start = 0, 0
+        progress = self.progress
+        for position, row in enumerate(rows):
+            progress.note = f"building batch file {len(self.batch_ids) + 1} ({len(lines):,} requests so far)"
             try:
-                line = self._jsonl(row)
+                line = await self._build(row)
             except MediaError as exc:
                 self._fail(row, str(exc))
                 continue
-            lines.append((row, len(line) if self._media else line))
-        return lines
+            if lines and (len(lines) >= self.max_lines or size + len(line) + 1 > self.max_bytes):
+                await self._upload(lines, start, position)
+                lines, size, start = [], 0, position
+            lines.append((row, line))
+            size += len(line) + 1
+            if not self._media and position % 512 == 511:
+                await asyncio.sleep(0)  # text lines are built here: let the loop breathe now and then
+        if lines:
+            await self._upload(lines, start, len(rows))
 
-    def _file(self, chunk: list[tuple[int, bytes | int]]) -> bytes:
-        """A batch file's content: its lines (built again for rows with images)."""
-        lines = []
-        for row, line in chunk:
-            if isinstance(line, int):
-                try:
-                    line = self._jsonl(row)
-                except MediaError as exc:  # gone since it was sized: that row fails (its result is not awaited)
-                    self._fail(row, str(exc))
-                    continue
-            lines.append(line)
-        return b"\n".join(lines) + b"\n"
-
-    async def _submit_or_reattach(self, rows: list[int]) -> None:
-        lines = self._lines(rows)
-        if not lines:  # every row failed before sending (images that cannot be read)
-            return
-        chunks = _split(lines, self.max_lines, self.max_bytes)
-        self._job = hashlib.sha256("\n".join([self.endpoint.base_url, *self._ids]).encode()).hexdigest()
+    async def _upload(self, lines: list[tuple[int, bytes]], start: int, end: int) -> None:
+        """Upload one file and submit its batch; it holds ``rows[start:end]`` (less those that failed)."""
         progress = self.progress
-        progress.queued = 0
-        progress.in_flight = len(lines)
-        if self.cache is not None:
-            known = self.cache.job_batches(self._job)
-            live = []
-            for batch_id in known:
-                batch = await self._get(f"/batches/{batch_id}")
-                if batch.get("status") not in ("failed", "expired", "cancelled", "cancelling"):
-                    live.append(batch_id)
-                    self.batches[batch_id] = batch
-            if live and len(live) == len(known) == len(chunks):  # the same job, still going: follow it
-                self.batch_ids = live
-                self._rows = {batch_id: [row for row, _ in chunk] for batch_id, chunk in zip(live, chunks)}
-                progress.note = f"reattached to {len(live)} batch(es) submitted earlier: {', '.join(live)}"
-                return
-        for k, chunk in enumerate(chunks):
-            progress.note = f"uploading batch file {k + 1} ({len(chunk):,} requests)"
-            data = aiohttp.FormData()
-            data.add_field("purpose", "batch")
-            data.add_field("file", self._file(chunk),
-                           filename=f"nbparrot-{self._job[:12]}-{k + 1}.jsonl", content_type="application/jsonl")
-            file = await self._send("POST", "/files", data=data)
-            batch = await self._send("POST", "/batches", json={
-                "input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h",
-                "metadata": {"nbparrot_job": self._job[:32]}})
-            self.batch_ids.append(batch["id"])
-            self.batches[batch["id"]] = batch
-            self._rows[batch["id"]] = [row for row, _ in chunk]
-            if self.cache is not None:  # at once: a restart from here on reattaches instead of paying twice
-                self.cache.record_job(self._job, self.batch_ids)
+        k = len(self.batch_ids) + 1
+        progress.note = f"uploading batch file {k} ({len(lines):,} requests)"
+        content = await self._loop.run_in_executor(None, _joined, [line for _, line in lines])  # up to 200 MB
+        data = aiohttp.FormData()
+        data.add_field("purpose", "batch")
+        data.add_field("file", content,
+                       filename=f"nbparrot-{self._job[:12]}-{k}.jsonl", content_type="application/jsonl")
+        file = await self._send("POST", "/files", data=data)
+        batch = await self._send("POST", "/batches", json={
+            "input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h",
+            "metadata": {"nbparrot_job": self._job[:32], "nbparrot_rows": f"{start}-{end}"}})
+        self.batch_ids.append(batch["id"])
+        self.batches[batch["id"]] = batch
+        self._rows[batch["id"]] = [row for row, _ in lines]
+        progress.queued -= len(lines)
+        progress.in_flight += len(lines)
+        if self.cache is not None:  # at once: a restart from here on reattaches instead of paying twice
+            self.cache.record_job(self._job, self.batch_ids)
 
     # ---- following ----------------------------------------------------------------------
 
@@ -285,15 +304,12 @@ class _Transient(Exception):
         self.cause = cause
 
 
-def _split(lines: list[tuple[int, bytes | int]], max_lines: int, max_bytes: int) -> list[list[tuple[int, bytes | int]]]:
-    """Cut the (row, JSONL line or its size) pairs into files within the line and size limits."""
-    chunks: list[list[tuple[int, bytes | int]]] = [[]]
-    size = 0
-    for row, line in lines:
-        length = line if isinstance(line, int) else len(line)
-        if chunks[-1] and (len(chunks[-1]) >= max_lines or size + length + 1 > max_bytes):
-            chunks.append([])
-            size = 0
-        chunks[-1].append((row, line))
-        size += length + 1
-    return chunks
+def _joined(lines: list[bytes]) -> bytes:
+    """A JSONL file's content (joined in a thread: a 200 MB copy)."""
+    return b"\n".join(lines) + b"\n"
+
+
+def _span(text: Any) -> tuple[int, int] | None:
+    """The ``start-end`` row positions a batch's metadata says its file holds, or None."""
+    start, _, end = str(text or "").partition("-")
+    return (int(start), int(end)) if start.isdigit() and end.isdigit() else None

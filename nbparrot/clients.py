@@ -14,7 +14,7 @@ import inspect
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from .config import AZURE_HOSTS, SECRET_HEADERS, Endpoint
+from .config import AZURE_HOSTS, Endpoint
 from .errors import ConfigError, redact_url
 
 __all__ = ["is_openai_client", "endpoint_of"]
@@ -62,7 +62,7 @@ def endpoint_of(client: Any, base_url: str | None, api_key: str | None, model: s
     headers = {name: value for name, value in client.default_headers.items()
                if isinstance(value, str) and name.lower() not in _SDK_HEADERS
                and not name.lower().startswith("x-stainless")}  # organization, project, the user's default_headers
-    if azure and key is None and not any(name.lower() in SECRET_HEADERS for name in headers):
+    if azure and key is None and not any(name.lower() in ("authorization", "api-key") for name in headers):
         token = _azure_ad_token(client)
         if token:
             headers["Authorization"] = f"Bearer {token}"

@@ -18,13 +18,12 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import unquote, urlencode, urlsplit
 
-from .errors import ConfigError, redact, redact_url
+from .errors import ConfigError, redact, redact_url, secret_header
 
 __all__ = ["Defaults", "defaults", "configure", "Endpoint", "resolve_endpoint", "OPENAI_URL"]
 
 OPENAI_URL = "https://api.openai.com/v1"
 AZURE_HOSTS = (".openai.azure.com", ".cognitiveservices.azure.com")
-SECRET_HEADERS = frozenset({"authorization", "api-key", "proxy-authorization", "x-api-key", "cookie"})
 
 
 @dataclass
@@ -127,11 +126,12 @@ class Endpoint:
         return redact_url(self.chat_url)
 
     def redact(self, text: str) -> str:
-        """``text`` without this endpoint's key, password, or any URL's credentials and key-looking path."""
+        """``text`` without this endpoint's key, password, key-like headers and query values, or any URL's
+        credentials, key-looking path and query values (see ``redact_url``)."""
         if self.basic_auth is not None:
             text = redact(text, self.basic_auth[1])
-        for name, value in self.extra_headers:  # a token in a client's default headers
-            if name.lower() in SECRET_HEADERS:
+        for name, value in (*self.extra_headers, *self.query):  # a token in a client's default headers or query
+            if secret_header(name):
                 text = redact(text, value.split(" ", 1)[-1])
         return redact(text, self.api_key)
 

@@ -29,6 +29,8 @@ __all__ = [
     "RunCancelledError",
     "redact",
     "redact_url",
+    "secret_header",
+    "SHOWN_QUERY",
     "error_fields",
     "fatal_error",
     "describe_error",
@@ -128,9 +130,33 @@ def _looks_like_key(segment: str) -> bool:
         for chunk in re.split(r"[-_.~%]", segment))
 
 
+_SECRET_WORDS = ("key", "token", "auth", "secret", "password", "cookie")
+
+
+def secret_header(name: str) -> bool:
+    """Whether a header carries a credential (its name holds key, token, auth, secret, password or cookie:
+    Authorization, api-key, x-goog-api-key, Ocp-Apim-Subscription-Key, X-Portkey-Api-Key, Cookie, ...).
+    The one rule for what is never shown, here and in the bundled server's /stats."""
+    name = name.lower()
+    return any(word in name for word in _SECRET_WORDS)
+
+
+SHOWN_QUERY = frozenset({"api-version"})  # the query parameters whose values are shown; any other may be a key
+
+
+def _redact_query(query: str) -> str:
+    """A query string (without its ``?``) with every value masked but those of ``SHOWN_QUERY``."""
+    pairs = []
+    for pair in query.split("&"):
+        name, _, value = pair.partition("=")
+        pairs.append(pair if not value or name.lower() in SHOWN_QUERY else f"{name}=***")
+    return "&".join(pairs)
+
+
 def redact_url(url: str) -> str:
-    """``url`` fit to show: ``user:password@`` becomes ``***@`` and key-looking path segments
-    keep only their first 4 characters (``/v1/sk-abc123.../`` shows as ``/v1/sk-a***/``).
+    """``url`` fit to show: ``user:password@`` becomes ``***@``, key-looking path segments
+    keep only their first 4 characters (``/v1/sk-abc123.../`` shows as ``/v1/sk-a***/``), and
+    query values become ``***`` (``?key=...`` is how some gateways take the key), api-version's excepted.
 
     The one way every message, panel and repr should print an endpoint's URL."""
     match = _AUTHORITY.match(url)
@@ -142,7 +168,11 @@ def redact_url(url: str) -> str:
     rest = url[match.end():]
     cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
     path = "/".join(s[:4] + "***" if _looks_like_key(s) else s for s in rest[:cut].split("/"))
-    return _KEY_PATTERN.sub(r"\1***", scheme + authority + path + rest[cut:])
+    tail = rest[cut:]
+    if tail.startswith("?"):
+        query, hash_, fragment = tail[1:].partition("#")
+        tail = "?" + _redact_query(query) + hash_ + fragment
+    return _KEY_PATTERN.sub(r"\1***", scheme + authority + path + tail)
 
 
 def redact(text: str, secret: str | None = None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -163,3 +164,23 @@ def test_dask_refuses_a_client_object_before_any_work():
             ddf.llm.map("Say {t}")
     finally:
         nbparrot.configure(client=None)
+
+
+GOOG, APIM, PORTKEY, XKEY = ("goog-" + "1a2b3c4d" * 4, "apim-" + "5e6f7a8b" * 4, "pk-" + "9c0d1e2f" * 4,
+                             "xk-" + "3a4b5c6d" * 4)
+SECRET_HEADERS = {"x-goog-api-key": GOOG, "Ocp-Apim-Subscription-Key": APIM, "X-Portkey-Api-Key": PORTKEY,
+                  "x-api-key": XKEY}
+
+
+def test_key_headers_of_a_client_are_sent_but_never_shown_by_nbparrot_or_the_server(make_server):
+    server = make_server(api_key=KEY)
+    client = openai.OpenAI(api_key=KEY, base_url=server.base_url, default_headers={**SECRET_HEADERS, "X-Team": "blue"})
+    run = nbparrot.map(ROWS, "Say {t}", client=client, cache="off", progress=False)
+    assert run.status == "finished"
+    endpoint = run.engine.endpoint
+    assert {k: v for k, v in endpoint.headers().items() if k in SECRET_HEADERS} == SECRET_HEADERS  # sent as given
+    echoed = endpoint.redact("the gateway echoed: " + " ".join(f"{k}: {v}" for k, v in SECRET_HEADERS.items()))
+    stats = json.dumps(server.stats())
+    shown = "\n".join([echoed, repr(endpoint), str(endpoint), repr(run), str(run), stats])
+    assert not [v for v in (*SECRET_HEADERS.values(), KEY) if v in shown], shown
+    assert server.stats()["last_request"]["headers"]["x-team"] == "blue"  # what is not a credential stays visible

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import socket
 
 import pandas as pd
@@ -118,6 +119,80 @@ def test_redact_url():
     text = f"could not reach http://a:{PASSWORD}@h/v1/{PATH_KEY} (refused); see http://h/docs."
     assert redact(text) == "could not reach http://***@h/v1/sk-p*** (refused); see http://h/docs."
     assert PATH_KEY not in str(FatalError(f"403 from http://h/{PATH_KEY}/chat/completions"))
+
+
+# ---- a key in a client's default query or headers ------------------------------------------------
+
+SECRET = "qk" + "7f3a9c1e" * 4
+
+
+def client_with_secrets(base_url: str):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(api_key="sk-header-key-0123456789", base_url=base_url,
+                         default_headers={"x-goog-api-key": SECRET}, default_query={"key": SECRET, "tag": "t1"})
+
+
+def all_text(caught: pytest.ExceptionInfo, capsys) -> str:
+    run = caught.value.run
+    return "\n".join([str(caught.value), repr(caught.value), everything_shown(run, capsys.readouterr().err)])
+
+
+@pytest.mark.parametrize("case", ["unknown model", "429 for an hour"])
+def test_a_key_in_the_default_query_is_shown_nowhere_when_the_endpoint_refuses(make_server, capsys, case):
+    server = make_server(p429=1.0, retry_after_429=3600.0) if case.startswith("429") else make_server()
+    model = "no-such-model" if case == "unknown model" else "gpt-4o-mini"
+    error = nbparrot.ModelNotFoundError if case == "unknown model" else nbparrot.RateLimitWaitError
+    with pytest.raises(error) as caught:
+        nbparrot.map(ROWS, "Say: {q}", client=client_with_secrets(server.base_url), model=model, cache="off")
+    endpoint = caught.value.run.engine.endpoint
+    assert f"key={SECRET}" in endpoint.chat_url  # the requests still carry it
+    shown = all_text(caught, capsys) + json.dumps(server.stats())
+    assert "/chat/completions?key=***&tag=***" in str(caught.value)
+    assert SECRET not in shown and SECRET[:12] not in shown, shown
+    assert server.stats()["last_request"]["query"] == {"key": "***", "tag": "***"}
+
+
+@pytest.fixture
+def redirecting():
+    """A loopback endpoint that answers every request with a 307 to a URL holding a key in path and query."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    import threading
+
+    class Redirect(BaseHTTPRequestHandler):
+        def _answer(self):
+            self.send_response(307)
+            self.send_header("Location", f"http://127.0.0.1:9/v1/{PATH_KEY}/chat/completions?key={SECRET}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_a_redirect_shows_neither_our_query_key_nor_the_one_in_its_location(redirecting, capsys):
+    with pytest.raises(FatalError, match="redirects") as caught:
+        nbparrot.map(ROWS, "Say: {q}", client=client_with_secrets(redirecting), cache="off")
+    shown = all_text(caught, capsys)
+    assert "(to http://127.0.0.1:9/v1/sk-p***/chat/completions?key=***)" in str(caught.value)
+    assert SECRET not in shown and SECRET[:12] not in shown and PATH_KEY not in shown, shown
+
+
+def test_redact_url_masks_query_values_but_the_api_version():
+    assert (redact_url("https://h/openai/deployments/d/chat/completions?api-version=2024-10-21&key=abc&flag#top")
+            == "https://h/openai/deployments/d/chat/completions?api-version=2024-10-21&key=***&flag#top")
+    assert redact(f"see http://h/v1?token={SECRET}.") == "see http://h/v1?token=***."
+    endpoint = Endpoint("http://h/v1", "sk-k-0123456789", query=(("key", SECRET), ("api-version", "2025-01-01")))
+    assert endpoint.display_chat_url == "http://h/v1/chat/completions?key=***&api-version=2025-01-01"
+    assert endpoint.redact(f"the gateway says: bad key {SECRET}") == "the gateway says: bad key ***"
 
 
 # ---- cancelled before its first step, awaited from another task ---------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -228,6 +229,68 @@ def test_batch_api_mode_sends_each_rows_image(tmp_path, make_server, monkeypatch
     assert [mark(a) for a in answers[:5]] == [f"[image:{image_tag(Path(p).read_bytes())}]" for p in paths]
     assert "no such file" in run.errors["error"].iloc[0]
     assert server.stats()["files_uploaded"] >= 2  # split into files, each built when it was uploaded
+
+
+def test_batch_mode_builds_its_files_off_the_loop_each_image_once(tmp_path, make_server):
+    """Reading, scaling and encoding the images of a batch file happens in a thread: a heartbeat on the
+    same loop runs between every two lines built (the old code built all of them in one go, twice)."""
+    import asyncio
+
+    server = make_server(batch_seconds=0.2)
+    paths = photos(tmp_path, 8, size=(900, 700))  # above max_image_px=512: each one is decoded and scaled
+
+    async def scenario():
+        run = nbparrot.map(pd.DataFrame({"photo": paths}), "Describe {photo}", images=["photo"], mode="batch",
+                           poll_interval=0.05, max_image_px=512, cache="off", **opts(server))
+        building: list[str] = []  # the note each heartbeat saw while a file was being built
+
+        async def heartbeat():
+            while True:
+                note = run.progress.note or ""
+                if note.startswith("building batch file"):
+                    building.append(note)
+                await asyncio.sleep(0)
+
+        beat = asyncio.ensure_future(heartbeat())
+        try:
+            answers = await run
+        finally:
+            beat.cancel()
+        return run, answers, building
+
+    run, answers, building = asyncio.run(scenario())
+    assert len(set(building)) == len(paths)  # it ran while each line was being built, not once at the end
+    assert len(building) >= len(paths)
+    sent = [Image.open(io.BytesIO(Path(p).read_bytes())) for p in paths]
+    for picture in sent:
+        picture.thumbnail((512, 512), Image.Resampling.LANCZOS, reducing_gap=2.0)
+    assert [mark(a) for a in answers] == [f"[image:{image_tag(sent_png(p))}]" for p in sent]
+    assert server.stats()["batches_created"] == 1
+
+
+class CountedPath(os.PathLike):
+    """A path that counts how often it is opened (``os.fspath``), to see how often an image is read."""
+
+    def __init__(self, path: str, opened: list):
+        self.path, self.opened = path, opened
+
+    def __fspath__(self) -> str:
+        self.opened.append(self.path)
+        return self.path
+
+
+def test_batch_mode_reads_each_image_as_often_as_a_live_run_sends_it(tmp_path, make_server):
+    server = make_server(batch_seconds=0.2)
+    paths = photos(tmp_path, 4, size=(900, 700))
+    reads = {}
+    for mode in ("live", "batch"):
+        opened: list = []
+        frame = pd.DataFrame({"photo": [CountedPath(p, opened) for p in paths]})
+        run = nbparrot.map(frame, "Describe {photo}", images=["photo"], mode=mode, poll_interval=0.05,
+                           max_image_px=512, cache="off", **opts(server))
+        assert all("[image:" in a for a in run.result())
+        reads[mode] = len(opened)  # planned (keyed and costed) and sent: the same in both modes
+    assert reads["live"] > 0 and reads["batch"] == reads["live"]  # built once, not once to size and again to send
 
 
 def test_filter_and_classify_over_images(tmp_path, make_server):

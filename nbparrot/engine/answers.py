@@ -117,7 +117,8 @@ class Answers:
             return self._rate_limited(row, retry_after_seconds(headers, message))
         if 300 <= status < 400:
             return self._stop_run(FatalError(
-                f"{status} from {self.endpoint.chat_url}: the endpoint redirects (to {headers.get('location', '?')}); "
+                f"{status} from {self.endpoint.display_chat_url}: the endpoint redirects "
+                f"(to {self.endpoint.redact(headers.get('location', '?'))}); "
                 "set base_url to the final address", status=status), row)
         if status in (400, 422) and version != self._version:
             return self._requeue(row)  # refused under parameters that have since been switched: resend
@@ -166,7 +167,7 @@ class Answers:
         if failures > retries:
             if not self._heard:
                 return self._stop_run(EndpointUnreachableError(
-                    f"could not reach {self.endpoint.base_url}: {reason}; is the server running and base_url right?"),
+                    f"could not reach {self.endpoint.display_url}: {reason}; is the server running and base_url right?"),
                     row)
             self._fail(row, reason)
             self._failing += 1
@@ -176,7 +177,7 @@ class Answers:
             if self._failing >= limit:
                 since = "with none answered between" if self._answered else "and no request has been answered yet"
                 self._stop_run(EndpointFailingError(
-                    f"{self.endpoint.base_url} keeps failing: {self._failing} rows failed one after another after "
+                    f"{self.endpoint.display_url} keeps failing: {self._failing} rows failed one after another after "
                     f"{failures} attempts each, {since} (last: {reason}); the run stopped instead of sending the rest"))
             return None
         self.outcomes[row].error = reason  # its last error, kept while it waits (an answer clears it)
@@ -199,7 +200,7 @@ class Answers:
             self._pause_reason = "rate limited (429), backing off"
         elif retry_after > self.settings.max_wait:
             return self._stop_run(RateLimitWaitError(
-                f"{self.endpoint.chat_url} answered 429 and asks to wait {_duration(retry_after)} before the next "
+                f"{self.endpoint.display_chat_url} answered 429 and asks to wait {_duration(retry_after)} before the next "
                 f"request, longer than max_wait={_duration(self.settings.max_wait)}; rerun later (answered rows are "
                 "kept and cached), or raise it with nbparrot.configure(max_wait=...)", status=429), row)
         else:

@@ -284,7 +284,7 @@ class Engine(Planning, Answers):
         except asyncio.TimeoutError:
             if not self._heard:
                 self._stop_run(EndpointUnreachableError(
-                    f"{self.endpoint.base_url} accepted the connection but has sent nothing for {2 * limit:.0f} s, "
+                    f"{self.endpoint.display_url} accepted the connection but has sent nothing for {2 * limit:.0f} s, "
                     "not even to a status check (GET /models); is base_url the right address, and is the server up?"))
         except TRANSIENT_ERRORS:  # refused or reset: the request's own retries report that
             pass

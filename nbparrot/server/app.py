@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..errors import SHOWN_QUERY, secret_header
 from .batches import _Batch, _BatchEndpoints
 from .chat import _ChatEndpoint
 from .config import ServerConfig, check_loopback
@@ -155,16 +156,14 @@ class _MockServer(_Gate, _ChatEndpoint, _EmbeddingsEndpoint, _FileEndpoints, _Ba
         return web.Response(text="ok")
 
 
-_SECRET_HEADERS = frozenset({"authorization", "api-key", "cookie", "proxy-authorization"})
-
-
 def _described(request: web.Request) -> dict:
     """What a test may check about a request's credentials and extras, without the secrets themselves."""
     headers = request.headers
     auth = headers.get("Authorization", "")
     scheme = "api-key" if "api-key" in headers else auth.split(" ", 1)[0].lower() if auth else None
-    return {"auth": scheme, "query": dict(request.query), "path": request.path,
-            "headers": {k.lower(): v for k, v in headers.items() if k.lower() not in _SECRET_HEADERS}}
+    query = {k: v if k.lower() in SHOWN_QUERY else "***" for k, v in request.query.items()}
+    return {"auth": scheme, "query": query, "path": request.path,
+            "headers": {k.lower(): v for k, v in headers.items() if not secret_header(k)}}
 
 
 _STATE_KEY = web.AppKey("nbparrot_mock", _MockServer)
