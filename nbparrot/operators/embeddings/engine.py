@@ -488,7 +488,7 @@ class EmbedEngine(Engine):
             return self._rate_limited(first, retry_after_seconds(headers, message))
         if 300 <= status < 400:
             return self._stop_run(FatalError(
-                f"{where}: the endpoint redirects (to {headers.get('location', '?')}); set base_url to the final "
+                f"{where}: the endpoint redirects (to {self.endpoint.redact(headers.get('location', '?'))}); set base_url to the final "
                 "address", status=status), first)
         if status in (400, 413, 422):
             if version != self._version:
