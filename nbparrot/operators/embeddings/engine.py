@@ -487,9 +487,9 @@ class EmbedEngine(Engine):
             self._open()
             return self._rate_limited(first, retry_after_seconds(headers, message))
         if 300 <= status < 400:
+            location = self.endpoint.redact(headers.get("location", "?"))
             return self._stop_run(FatalError(
-                f"{where}: the endpoint redirects (to {self.endpoint.redact(headers.get('location', '?'))}); set base_url to the final "
-                "address", status=status), first)
+                f"{where}: the endpoint redirects (to {location}); set base_url to the final address", status=status), first)
         if status in (400, 413, 422):
             if version != self._version:
                 return self._requeue(first)
