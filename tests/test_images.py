@@ -337,7 +337,7 @@ def test_the_server_refuses_a_broken_part(make_server):
 
 
 def test_thumbnails_in_the_preview_and_the_comparison(tmp_path, make_server):
-    from nbparrot.magics import comparison_html
+    from nbparrot.comparison import comparison_html
     from nbparrot.panel import _preview_html
 
     server = make_server()
