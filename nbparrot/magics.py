@@ -12,6 +12,8 @@
 - In a notebook executed headlessly (nbconvert, papermill) the stream and the comparison finish
   within their cell, so the saved notebook holds them (see ``nbparrot.headless``).
 Defaults (model, base_url, concurrency, system, max_tokens) via ``%config NbparrotMagics.model = ...``.
+This module holds the magic class, its argument parsing and the line commands; the stream's
+display is ``nbparrot.stream_view``, the side-by-side comparison ``nbparrot.comparison``.
 """
 
 from __future__ import annotations
@@ -28,24 +30,22 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from IPython.display import HTML, display
+from IPython.display import HTML
 from traitlets import Int, Unicode, observe
 
 from . import api
 from .operators import decisions, scoring
 from .cache import CachedAnswer, request_key
+from .comparison import show_comparison_when_done
 from .config import configure, defaults, resolve_endpoint
 from .errors import NbparrotError
 from .images.parts import MediaError, expand, is_media, media_options
-from .images.thumbs import row_thumbnails
 from .prepare import prepare
-from . import look
-
-from .headless import in_background, kernel_shell, run_coroutine
-from .panel import close_widgets
+from .headless import in_background, run_coroutine
 from .pricing import cost_of, format_usd
-from .run import Run, live_runs, record_usage, session_usage
+from .run import live_runs, record_usage, session_usage
 from .stream import stream_chat
+from .stream_view import StreamView
 from .structured import Schema
 from .templates import Template
 from .tokens import estimate_prompt_tokens, estimate_text_tokens
@@ -53,7 +53,6 @@ from .tokens import estimate_prompt_tokens, estimate_text_tokens
 __all__ = ["NbparrotMagics", "load_ipython_extension"]
 
 _VARIANT_SPLIT = re.compile(r"^\s*---\s*$", re.MULTILINE)
-_REFRESH = 0.1  # seconds between streamed display updates
 _tasks: set[asyncio.Task] = set()  # strong references to single-prompt tasks
 
 
@@ -173,7 +172,7 @@ class NbparrotMagics(Magics):
             if args.output:
                 ns[args.output] = run
             if len(variants) > 1:
-                _show_comparison_when_done(run, variants)
+                show_comparison_when_done(run, variants)
             return None
         media = _media_names(args, variants, ns)
         if media:  # images in the prompt: a one-record template, its images read and sent as content parts
@@ -182,7 +181,7 @@ class NbparrotMagics(Magics):
                 run = api.map([record], variants, **self._options(args, schema))
                 if args.output:
                     ns[args.output] = run
-                _show_comparison_when_done(run, variants)
+                show_comparison_when_done(run, variants)
                 return None
             options = self._options(args, schema)
             prepared = prepare([record], variants[0], media=media_options(options.get("images"), args.detail))
@@ -193,7 +192,7 @@ class NbparrotMagics(Magics):
             run = api.map([{}], escaped, **self._options(args, schema))
             if args.output:
                 ns[args.output] = run
-            _show_comparison_when_done(run, rendered)
+            show_comparison_when_done(run, rendered)
             return None
         return self._single(args, rendered[0], schema)
 
@@ -207,7 +206,7 @@ class NbparrotMagics(Magics):
         run = scoring.compare(frame, variants, expect=args.expect, task=task, labels=labels, **options)
         if args.output:
             self.shell.user_ns[args.output] = run
-        _show_comparison_when_done(run, variants, render=lambda run, _variants: scoring.scores_html(run))
+        show_comparison_when_done(run, variants, render=lambda run, _variants: scoring.scores_html(run))
 
     def _options(self, args: argparse.Namespace, schema: Any) -> dict[str, Any]:
         options: dict[str, Any] = {"model": args.model, "system": args.system, "temperature": args.temperature,
@@ -269,7 +268,7 @@ class NbparrotMagics(Magics):
             body["messages"] = expand(messages)
         except MediaError as exc:
             raise UsageError(f"%%llm: {exc}") from None
-        view = _StreamView(args.n)
+        view = StreamView(args.n)
         cache = api.open_cache() if defaults.cache != "off" else None
         if cache is not None and not args.no_cache:
             hit = cache.get_many([key]).get(key)
@@ -335,7 +334,7 @@ class NbparrotMagics(Magics):
         view.controls(task)
 
     def _bind(self, args: argparse.Namespace, texts: list[str], schema: Schema | None,
-              view: "_StreamView | None" = None) -> bool:
+              view: "StreamView | None" = None) -> bool:
         """Bind ``-o`` to the text(s), or parsed JSON; False (and a note) if the JSON does not parse."""
         values: list[Any] = list(texts)
         if schema is not None or args.json:
@@ -348,107 +347,6 @@ class NbparrotMagics(Magics):
         if args.output:
             self.shell.user_ns[args.output] = values if args.n > 1 else values[0]
         return True
-
-
-class _StreamView:
-    """The streamed answer in the cell's output, redrawn at most every ``_REFRESH`` seconds; below it,
-    while it streams in a kernel with ipywidgets, a Stop button and a "still going" line."""
-
-    def __init__(self, n: int):
-        self._n = n
-        self.texts = [""] * n
-        self.stopping = False  # Stop was clicked: the task's cancellation is ours
-        self._handle = display(_markdown("*waiting for the answer…*"), raw=True, display_id=True)
-        self._last = 0.0
-        self._started = time.monotonic()
-        self._cue: Any = None
-        self._controls: Any = None
-        self._box: Any = None
-        self._timer: asyncio.TimerHandle | None = None
-        # the IPython terminal prints every update in full (no display to redraw): the final text only
-        self._live = kernel_shell() is not None
-
-    def controls(self, task: asyncio.Task) -> None:
-        """Show Stop and the cue under the answer; Stop cancels ``task`` and keeps what arrived."""
-        if kernel_shell() is None:
-            return
-        try:
-            import ipywidgets as w
-        except ImportError:
-            return
-        loop = task.get_loop()
-        self._cue = w.HTML(self._cue_html())
-        stop = w.Button(description="Stop", icon="stop", tooltip="Stop the answer here; the text so far is kept",
-                        layout=w.Layout(width="auto"))
-
-        def stop_now() -> None:
-            if not task.done():
-                self.stopping = True
-                task.cancel()
-
-        # the click may be handled on a kernel subshell thread: hand the cancel to the loop
-        stop.on_click(lambda _button: loop.call_soon_threadsafe(stop_now))
-        self._box = w.HBox([stop, self._cue])
-        self._box.add_class("nbparrot-stream")
-        self._controls = display(self._box, display_id=True)
-        self._tick(loop)
-
-    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Refresh the cue once a second, so a pause before the first token still shows life."""
-        self._cue.value = self._cue_html()
-        self._timer = loop.call_later(1.0, self._tick, loop)
-
-    def _cue_html(self) -> str:
-        seconds = time.monotonic() - self._started
-        tokens = sum(estimate_text_tokens(t) for t in self.texts)
-        what = f"streaming… {seconds:.0f} s, ~{tokens:,} tokens" if tokens else f"waiting for the first token… {seconds:.0f} s"
-        return f"<span class='nbparrot-cue' style='color:{look.MUTED}'>{what}</span>"
-
-    def _end(self) -> None:
-        """Take the controls away: the stream is over."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._controls is not None:
-            self._controls.update(HTML(""))
-            self._controls = None
-            close_widgets(self._box)  # their comms, layouts and styles too: nothing is left to click
-
-    def update(self, texts: list[str], final: bool = False, note: str = "") -> None:
-        self.texts = list(texts)
-        now = time.monotonic()
-        if not final and (now - self._last < _REFRESH or not self._live):
-            return
-        self._last = now
-        if final:
-            self._end()
-        elif self._cue is not None:
-            self._cue.value = self._cue_html()
-        if self._n == 1:
-            text = texts[0]
-        else:
-            text = "\n\n".join(f"**Answer {k + 1}**\n\n{t}" for k, t in enumerate(texts))
-        if note:
-            text += f"\n\n<small>{html.escape(note)}</small>"
-        self._handle.update(_markdown(text or "*(empty answer)*"), raw=True)
-
-    def stopped(self) -> None:
-        """Stop was clicked: keep the text so far, and say it was cut short."""
-        tokens = sum(estimate_text_tokens(t) for t in self.texts)
-        self.update(self.texts, final=True, note=f"stopped after {time.monotonic() - self._started:.0f} s, "
-                                                 f"~{tokens:,} tokens in (not cached)")
-
-    def fail(self, message: str) -> None:
-        """The stream failed: the text that arrived (if any) stays, with the error under it."""
-        self._end()
-        arrived = "\n\n".join(t for t in self.texts if t)
-        error = f"**nbparrot error:** {message}"
-        self._handle.update(_markdown(f"{arrived}\n\n{error}" if arrived else error), raw=True)
-
-
-def _markdown(text: str) -> dict[str, str]:
-    """Markdown with itself as the plain-text fallback (a saved notebook read as text keeps the answer)."""
-    return {"text/markdown": text, "text/plain": text}
 
 
 def _media_names(args: argparse.Namespace, variants: list[str], ns: dict) -> list[str]:
@@ -473,80 +371,6 @@ def _render(text: str, ns: dict) -> str:
     except NbparrotError as exc:
         raise UsageError(f"%%llm: {exc}") from None
     return template.render(ns)
-
-
-def _show_comparison_when_done(run: Run, variants: list[str], render: Any = None) -> None:
-    """Once the run ends, show one column per variant and tokens / cost / latency per variant
-    (or what ``render(run, variants)`` makes of it: the scores of ``--expect``); at once if it
-    has ended already (a notebook executed headlessly finishes it within the cell)."""
-    render = render or comparison_html
-    hide = getattr(run.view, "hide_preview", None)
-    if hide is not None:
-        hide()  # the comparison below shows the answers: the panel keeps to its summary
-    if run.done():
-        display(HTML(render(run, variants)))
-        return
-    handle = display(HTML("<i>comparing variants…</i>"), display_id=True)
-
-    async def show() -> None:
-        await asyncio.wait({run._task})
-        handle.update(HTML(render(run, variants)))
-
-    task = run._loop.create_task(show())
-    _tasks.add(task)
-    task.add_done_callback(_tasks.discard)
-
-
-def comparison_html(run: Run, variants: list[str]) -> str:
-    """Side-by-side answers (a column per variant) under each variant's prompt and usage line."""
-    k = len(variants)
-    rows = len(run.outcomes) // k
-    labels = list(run.prepared.index) if run.prepared.frame is not None else [""] * rows
-    usage, prompts = ["usage"], ["prompt"]
-    for v in range(k):
-        outs = [run.outcomes[r * k + v] for r in range(rows)]
-        usage.append(html.escape(_usage(run, outs)))
-        prompts.append(f"<code>{html.escape(variants[v][:200])}</code>")
-    body = [prompts, usage]
-    for r in range(rows):
-        body.append([row_thumbnails(run.prepared, r * k) + html.escape(str(labels[r])),
-                     *(_answer_cell(run.outcomes[r * k + v]) for v in range(k))])
-    return look.table("nbparrot-compare", ["", *(f"variant {v + 1}" for v in range(k))], body, escape=False)
-
-
-def _usage(run: Run, outs: list[Any]) -> str:
-    """``12 tokens · $0.000123 · mean latency 0.42s``; cached answers said as such, at no cost."""
-    cached = sum(1 for o in outs if o.cached)
-    sent = [o for o in outs if not o.cached]
-    tokens = sum(o.prompt_tokens + o.completion_tokens for o in outs)
-    parts = ["cached" if cached == len(outs) else f"{cached} of {len(outs)} cached"] if cached else []
-    parts.append(f"{tokens:,} tokens")
-    if sent:
-        costs = [cost_of(run.model, o.prompt_tokens, o.completion_tokens, o.cached_tokens, batch=run.engine.batch,
-                         base_url=run.engine.endpoint.base_url) for o in sent]
-        parts.append(format_usd(None if any(c is None for c in costs) else sum(costs)))
-        latencies = [o.latency for o in sent if o.latency is not None]
-        if latencies:
-            parts.append(f"mean latency {sum(latencies) / len(latencies):.2f}s")
-    else:
-        parts.append("no cost")
-    return " · ".join(parts)
-
-
-def _answer_cell(outcome: Any) -> str:
-    """One answer in the comparison: failures in the error colour, cached ones marked."""
-    if outcome.status != "ok":
-        return look.error(html.escape(f"[{outcome.status}] {outcome.error or ''}"))
-    text = html.escape(str(_shown(outcome)))
-    return text + (" " + look.muted("· cached", "nbparrot-cached") if outcome.cached else "")
-
-
-def _shown(outcome: Any) -> str:
-    """An answer as text: a decision's value (filter, classify) rather than its JSON wrapper."""
-    value = outcome.parsed if outcome.parsed is not None else outcome.content
-    if isinstance(value, dict) and len(value) == 1:
-        value = next(iter(value.values()))
-    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _table(css: str, header: list[str], rows: list[list[Any]]) -> HTML:

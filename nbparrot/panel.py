@@ -13,26 +13,25 @@ widget view, and when the run ends the whole output is replaced by ``final_html`
 preview) with no widget view, which JupyterLab would otherwise render as "model not found", and
 the widgets are closed (nothing keeps the finished run alive through them). A
 notebook executed headlessly gets a ``StaticView``: the same HTML, updated in place, no widget.
+The views are here; what they show is ``nbparrot.panel_state.snapshot``, the HTML ``nbparrot.panel_html``.
 """
 
 from __future__ import annotations
 
-import html
-import math
 import sys
 from typing import TYPE_CHECKING, Any, TextIO
 
-from . import look
 from .engine.words import retries_text
 from .pace import Pace, format_eta
 from .headless import kernel_shell
-from .images.thumbs import row_thumbnails
-from .pricing import cached_share, format_usd
+from .panel_html import display_static, faults_html, static_bundle, stats_html, title_html
+from .panel_state import _fit, _fmt_int, _fmt_secs, _retried, snapshot
+from .pricing import format_usd
 
 if TYPE_CHECKING:  # pragma: no cover
     from .run import Run
 
-__all__ = ["make_view", "Panel", "StaticView", "TextLine", "Silent", "snapshot", "final_html"]
+__all__ = ["make_view", "Panel", "StaticView", "TextLine", "Silent", "close_widgets"]
 
 PANEL_INTERVAL = 0.1  # seconds between panel refreshes
 TEXT_INTERVAL = 0.5  # seconds between text refreshes on a terminal
@@ -65,85 +64,6 @@ def make_view(run: "Run", background: bool) -> "Panel | StaticView | TextLine":
         else:
             return Panel(run)
     return TextLine(run)
-
-
-def _fmt_int(n: float) -> str:
-    n = float(n)
-    for unit, size in (("M", 1e6), ("k", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.1f}{unit}"
-    return f"{n:.0f}"
-
-
-def _fmt_secs(s: float | None) -> str:
-    if s is None:
-        return "–"
-    if s < 60:
-        return f"{s:.0f}s" if s >= 10 else f"{s:.1f}s"
-    m, s = divmod(int(s), 60)
-    return f"{m}m{s:02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m"
-
-
-def _retried(p: Any) -> dict[str, int]:
-    """Retries by cause, 429 waits among them: requests sent again, not errors."""
-    causes = dict(p.retried)
-    if p.rate_limited:
-        causes["429 rate limited"] = causes.get("429 rate limited", 0) + p.rate_limited
-    return causes
-
-
-def snapshot(run: "Run", pace: Pace | None = None) -> dict[str, Any]:
-    """Everything a view shows, computed from the run's live counters."""
-    p = run.progress
-    loop = run._loop
-    now = loop.time() if loop is not None and not loop.is_closed() else None
-    started = p.started
-    end = p.finished if p.finished is not None else now
-    elapsed = (end - started) if (started is not None and end is not None) else 0.0
-    settled = p.settled
-    oldest = None
-    if p.sent_at and now is not None:
-        oldest = now - min(p.sent_at.values())
-    tokens = p.prompt_tokens + p.completion_tokens
-    reading = None
-    if pace is not None and now is not None and started is not None and p.finished is None:
-        reading = pace.update(now, started, p.requests, tokens, p.done + p.failed - p.cached, p.total - settled)
-    limits = p.limits() if p.limits else {}
-    return {
-        "total": p.total, "settled": settled, "queued": p.queued, "in_flight": p.in_flight,
-        "retrying": p.retrying, "done": p.done, "failed": p.failed, "cancelled": p.cancelled,
-        "skipped": p.skipped, "rate_limited": p.rate_limited, "tokens": tokens, "cost": run.cost,
-        "projected": run.projected_cost, "cached": p.cached,
-        "cached_share": cached_share(p.prompt_tokens, p.cached_prompt_tokens),
-        "elapsed": elapsed, "eta": reading.eta if reading is not None else None, "oldest": oldest, "pace": reading,
-        "rpm_limit": limits.get("rpm"), "tpm_limit": limits.get("tpm"), "last_error": p.last_error,
-        "retried": _retried(p), "last_retry": p.last_retry,
-        "note": " · ".join(_notes(p, now)) or None,
-        "status": run.status,
-    }
-
-
-def _rates_text(s: dict) -> str:
-    """Requests and tokens against the limits: per minute once a minute has passed, counts before."""
-    reading = s["pace"]
-    if reading is None:
-        return ""
-    limit = lambda key: f" (limit {_fmt_int(s[key])}/min)" if s[key] else ""  # noqa: E731
-    if reading.full:
-        return (f"requests {_fmt_int(reading.per_minute(reading.requests))}/min{limit('rpm_limit')} · "
-                f"tokens {_fmt_int(reading.per_minute(reading.tokens))}/min{limit('tpm_limit')}")
-    tokens = f" · tokens {_fmt_int(reading.tokens)}{limit('tpm_limit')}" if s["tpm_limit"] else ""
-    return f"requests {_fmt_int(reading.requests)} in the first {max(1, math.ceil(reading.window))} s{limit('rpm_limit')}{tokens}"
-
-
-def _notes(p: Any, now: float | None) -> list[str]:
-    """The run's own note, a pause with its reason and countdown, and tokens that are estimates."""
-    notes = [p.note] if p.note else []
-    if p.pause is not None and now is not None and p.finished is None and p.pause[0] > now:
-        notes.append(f"paused {_fmt_secs(p.pause[0] - now)}: {p.pause[1]}")
-    if p.usage_estimated:
-        notes.append(f"tokens of {p.usage_estimated:,} answer(s) estimated: the endpoint sent no usage")
-    return notes
 
 
 class _Ticker:
@@ -179,11 +99,6 @@ class _Ticker:
 
     def close(self) -> None:
         """Show the final state."""
-
-
-def _fit(text: str, width: int) -> str:
-    """``text`` cut to ``width`` characters, ending in an ellipsis when cut (counts come first, notes last)."""
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 class TextLine(_Ticker):
@@ -255,10 +170,6 @@ class TextLine(_Ticker):
         self.stream.flush()
 
 
-#: The counts the panel always shows, in this order, so none appears, vanishes or moves.
-COUNTS = ("queued", "in_flight", "retrying", "done", "cached", "failed")
-
-
 class Panel(_Ticker):
     """The ipywidgets panel: progress, counts, rates against limits, tokens, cost, Cancel."""
 
@@ -292,7 +203,7 @@ class Panel(_Ticker):
         """The widget view with a static fallback of the state now, under a display id."""
         from IPython.display import display
 
-        bundle = {**self.box._repr_mimebundle_(), **_static_bundle(self.run)}
+        bundle = {**self.box._repr_mimebundle_(), **static_bundle(self.run)}
         self._handles.append(display(bundle, raw=True, display_id=True))
         self._shown_in = _execution_count()
 
@@ -319,7 +230,7 @@ class Panel(_Ticker):
         if self._shown_in == _execution_count():
             return
         if self.run.done():
-            _display_static(self.run, self.preview)
+            display_static(self.run, self.preview)
             self._shown_in = _execution_count()
         else:
             self._display()
@@ -349,7 +260,7 @@ class Panel(_Ticker):
         """Replace every output showing the panel by the final static HTML (summary and, with
         ``preview``, the first results), then close the widgets: nobody sees them any more, and
         ipywidgets' registry would keep them, and through the Cancel handler the whole run."""
-        final = _static_bundle(self.run, self.preview)  # no widget view: it would not survive the kernel
+        final = static_bundle(self.run, self.preview)  # no widget view: it would not survive the kernel
         for handle in self._handles:
             handle.update(final, raw=True)
         close_widgets(self.box, getattr(self, "question", None))
@@ -377,13 +288,13 @@ class StaticView(_Ticker):
     def started(self) -> None:
         from IPython.display import display
 
-        self._last = _static_bundle(self.run)
+        self._last = static_bundle(self.run)
         self._output = display(self._last, raw=True, display_id=True)
         self._shown_in = _execution_count()
         super().started()
 
     def refresh(self) -> None:
-        bundle = _static_bundle(self.run, self.preview)
+        bundle = static_bundle(self.run, self.preview)
         if bundle != self._last and self._output is not None:
             self._last = bundle
             self._output.update(bundle, raw=True)
@@ -397,100 +308,8 @@ class StaticView(_Ticker):
         """Show the run again in the cell asking for it, unless that cell started it (and shows it)."""
         if self._shown_in == _execution_count():
             return
-        _display_static(self.run, self.preview)
+        display_static(self.run, self.preview)
         self._shown_in = _execution_count()
-
-
-def title_html(run: "Run") -> str:
-    """One line that never wraps: run, status, model and host; the full URL and template in a tooltip."""
-    from urllib.parse import urlsplit
-
-    url = run.engine.endpoint.display_url
-    host = urlsplit(url).netloc or url
-    tip = url + (f"\n{run.label}" if run.label else "")
-    return (f"<div class='nbparrot-title' title='{html.escape(tip)}' style='white-space:nowrap;overflow:hidden;"
-            f"text-overflow:ellipsis;color:{look.TEXT}'><b>nbparrot run {run.id}</b> · <i>{run.status}</i> · "
-            f"{html.escape(run.model)} · {html.escape(host)}</div>")
-
-
-def stats_html(s: dict) -> str:
-    """Counts (always the same ones), pace against the limits, tokens, cost and time."""
-    width = len(f"{s['total']:,}")
-    counts = [f"{look.num(s[name], width)} {name.replace('_', ' ')}" for name in COUNTS]
-    if s["skipped"]:
-        counts.append(f"{look.num(s['skipped'], width)} skipped")
-    eta = f" · ETA {format_eta(s['eta'])}" if s["eta"] is not None else ""
-    oldest = f" · oldest in flight {_fmt_secs(s['oldest'])}" if s["oldest"] is not None else ""
-    projected = f" (projected {format_usd(s['projected'])})" if s["projected"] is not None else ""
-    rates = _rates_text(s)
-    cache_share = f" ({s['cached_share']})" if s.get("cached_share") else ""
-    lines = [f"<span class='nbparrot-counts'>{' · '.join(counts)}</span>",
-             f"tokens <b>{s['tokens']:,}</b>{cache_share} · {format_usd(s['cost'])}{projected} · "
-             f"elapsed {_fmt_secs(s['elapsed'])}{eta}{oldest}"]
-    if rates:
-        lines.append(f"<span class='nbparrot-rates'>{rates}</span>")
-    return (f"<div class='nbparrot-stats' style='color:{look.TEXT};font-variant-numeric:tabular-nums;"
-            f"line-height:1.5'>{'<br>'.join(lines)}</div>")
-
-
-def faults_html(s: dict, estimate: Any = None) -> str:
-    """Retries in neutral words, rows that failed in the end in the error colour, the run's notes."""
-    lines = []
-    retried = retries_text(s["retried"])
-    if retried:
-        tip = f" title='last: {html.escape(s['last_retry'])}'" if s.get("last_retry") else ""
-        lines.append(f"<span class='nbparrot-retries'{tip} style='color:{look.MUTED}'>{html.escape(retried)}</span>")
-    if s["last_error"]:
-        failed = f"{s['failed']:,} failed" if s["failed"] else "stopped"
-        lines.append(look.error(f"<b>{failed}</b>: {html.escape(s['last_error'][:300])}", "nbparrot-failed"))
-    if s["note"]:
-        lines.append(look.muted(html.escape(s["note"]), "nbparrot-note"))
-    if estimate is not None and s["status"] in ("preparing", "waiting", "running") and not s["settled"]:
-        lines.append(look.muted(f"estimate: {html.escape(str(estimate))}", "nbparrot-estimate"))
-    return "<br>".join(lines)
-
-
-def summary_html(run: "Run", preview: bool = True) -> str:
-    """A finished run: its one-line summary, retries, what failed, and (with ``preview``) the first answers."""
-    p = run.progress
-    parts = [f"<span class='nbparrot-summary' style='color:{look.TEXT}'>{html.escape(run.summary())}</span>"]
-    retried = retries_text(_retried(p))
-    if retried:
-        parts.append(look.muted(html.escape(retried), "nbparrot-retries"))
-    if run.error is not None:
-        parts.append(look.error(f"<b>stopped:</b> {html.escape(str(run.error))}", "nbparrot-failed"))
-    elif p.failed and p.last_error:
-        parts.append(look.error(f"<b>{p.failed:,} failed</b> (see run.errors); the last: "
-                                f"{html.escape(p.last_error[:300])}", "nbparrot-failed"))
-    return "<br>".join(parts) + (_preview_html(run) if preview else "")
-
-
-def final_html(run: "Run", preview: bool = True) -> str:
-    """A finished run as static HTML (title, summary, with ``preview`` the first answers): what
-    replaces its panel when it ends, and what a saved notebook shows without a kernel."""
-    return f"<div class='nbparrot-panel nbparrot-final'>{title_html(run)}{summary_html(run, preview)}</div>"
-
-
-def _live_html(run: "Run") -> str:
-    """A run still going, as static HTML: title, a progress line, the panel's counts and faults."""
-    s = snapshot(run)
-    finished = s["settled"] - s["cancelled"]
-    faults = faults_html(s)
-    return (f"<div class='nbparrot-panel nbparrot-static'>{title_html(run)}"
-            f"<progress value='{finished}' max='{max(s['total'], 1)}'></progress> {finished}/{s['total']}"
-            f"{stats_html(s)}{faults}</div>")
-
-
-def _static_bundle(run: "Run", preview: bool = True) -> dict[str, str]:
-    """``text/html`` and ``text/plain`` of the run as it is now: final once it is done."""
-    body = final_html(run, preview) if run.done() else _live_html(run)
-    return {"text/html": body, "text/plain": f"nbparrot {run.summary()}"}
-
-
-def _display_static(run: "Run", preview: bool = True) -> None:
-    from IPython.display import display
-
-    display(_static_bundle(run, preview), raw=True)
 
 
 def close_widgets(*roots: Any) -> None:
@@ -512,28 +331,3 @@ def _execution_count() -> int | None:
         return get_ipython().execution_count
     except Exception:  # noqa: BLE001 - display bookkeeping must never break a run
         return None
-
-
-def _preview_html(run: "Run", rows: int = 5, width: int = 160) -> str:
-    """Prompt beside answer for the first rows, so iterating on a prompt needs no extra cell."""
-    out, tips = [], []
-    describe = getattr(run, "describe_answer", None)  # a run whose answers are not text (embeddings)
-    for k, outcome in enumerate(run.outcomes[:rows]):
-        prompt = str(run.prepared.user_text(k) or "")
-        if outcome.status != "ok":
-            answer = f"[{outcome.status}] {outcome.error or ''}"
-        else:
-            answer = describe(k) if describe is not None else outcome.content
-        if isinstance(answer, list):
-            answer = " | ".join(map(str, answer))
-        answer = str(answer)
-        shown = html.escape(_fit(answer, width))
-        if outcome.status != "ok":
-            shown = look.error(shown)
-        elif outcome.cached:
-            shown += " " + look.muted("· cached", "nbparrot-cached")
-        out.append([row_thumbnails(run.prepared, k) + html.escape(_fit(prompt, width)), shown])
-        tips.append([_fit(prompt, 2000) if len(prompt) > width else "", _fit(answer, 2000) if len(answer) > width else ""])
-    if not out:
-        return ""
-    return look.table("nbparrot-preview", ["prompt", "answer"], out, escape=False, tooltips=tips)

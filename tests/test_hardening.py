@@ -16,7 +16,7 @@ import nbparrot
 from nbparrot.config import defaults
 from nbparrot.engine import FAILED, OK
 from nbparrot.errors import EndpointFailingError, EndpointUnreachableError, RateLimitWaitError
-from nbparrot.panel import snapshot
+from nbparrot.panel_state import snapshot
 from nbparrot.pricing import cost_of
 from nbparrot.server import HUGE_ANSWER_MARKER, HUGE_JUNK_MARKER, NULL_CONTENT_MARKER, REFUSAL_MARKER
 

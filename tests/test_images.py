@@ -337,8 +337,8 @@ def test_the_server_refuses_a_broken_part(make_server):
 
 
 def test_thumbnails_in_the_preview_and_the_comparison(tmp_path, make_server):
-    from nbparrot.magics import comparison_html
-    from nbparrot.panel import _preview_html
+    from nbparrot.comparison import comparison_html
+    from nbparrot.panel_html import _preview_html
 
     server = make_server()
     paths = photos(tmp_path, 3, size=(400, 300))
@@ -375,7 +375,7 @@ def _png_header(width: int, height: int) -> bytes:
 
 def test_a_decompression_bomb_gets_a_tag_and_the_preview_still_renders(make_server):
     """Pillow refuses a 20000 x 20000 image (a decompression bomb): the thumbnail says so, nothing raises."""
-    from nbparrot.panel import final_html
+    from nbparrot.panel_html import final_html
 
     bomb = _png_header(20000, 20000)
     assert ">?<" in thumbnail_html(bomb)

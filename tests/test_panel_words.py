@@ -15,11 +15,12 @@ import aiohttp
 import pytest
 
 import nbparrot
+from nbparrot.comparison import comparison_html
 from nbparrot.engine.progress import Progress
 from nbparrot.engine.words import _describe, cause, retries_text, status_cause
-from nbparrot.magics import comparison_html
 from nbparrot.pace import ETA_MIN_ROWS, ETA_MIN_SECONDS, Pace, format_eta
-from nbparrot.panel import COUNTS, faults_html, snapshot, stats_html, summary_html, title_html
+from nbparrot.panel_html import COUNTS, faults_html, stats_html, summary_html, title_html
+from nbparrot.panel_state import snapshot
 from nbparrot.pricing import format_usd
 
 KEY = "sk-panel-words-test-0123456789"

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 import nbparrot
-from nbparrot.panel import snapshot, stats_html
+from nbparrot.panel_html import stats_html
+from nbparrot.panel_state import snapshot
 from nbparrot.pricing import Price, cost_of, price_of, set_price
 from nbparrot.server.promptcache import PromptCache
 
