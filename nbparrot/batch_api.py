@@ -281,12 +281,12 @@ class BatchEngine(Engine):
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _send(self, method: str, path: str, *, raw: bool = False, **kwargs: Any) -> Any:
-        url = self.endpoint.base_url + path
+        url = self.endpoint.url(path)  # with the query every request carries (a client's default_query)
         async with self._session.request(method, url, allow_redirects=False, **kwargs) as response:  # type: ignore[union-attr]
             body = await response.read()
             if response.status != 200:
                 message, code, kind = error_fields(body, self.endpoint.api_key)
-                where = f"{response.status} from {url}"
+                where = f"{response.status} from {self.endpoint.display_url}{path}"
                 fatal = fatal_error(response.status, message, code, kind, where)
                 if fatal is not None:
                     raise fatal

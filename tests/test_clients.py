@@ -184,3 +184,13 @@ def test_key_headers_of_a_client_are_sent_but_never_shown_by_nbparrot_or_the_ser
     shown = "\n".join([echoed, repr(endpoint), str(endpoint), repr(run), str(run), stats])
     assert not [v for v in (*SECRET_HEADERS.values(), KEY) if v in shown], shown
     assert server.stats()["last_request"]["headers"]["x-team"] == "blue"  # what is not a credential stays visible
+
+
+def test_batch_mode_sends_a_clients_query_to_the_files_and_batches_endpoints(make_server):
+    server = make_server(api_key=KEY, batch_seconds=0.2)
+    client = openai.OpenAI(api_key=KEY, base_url=server.base_url, default_query={"tenant": "t-7"})
+    run = nbparrot.map(ROWS, "Say {t}", client=client, mode="batch", poll_interval=0.05, cache="off", progress=False)
+    assert [a.split("]")[0] for a in answered(run)] == [
+        "[" + expected_tag([{"role": "user", "content": f"Say {r['t']}"}]) for r in ROWS]
+    seen = server.stats()["last_request"]  # the last Files / Batches call: the output file's content
+    assert seen["path"].startswith(("/v1/files", "/v1/batches")) and seen["query"] == {"tenant": "***"}

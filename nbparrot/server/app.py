@@ -87,6 +87,10 @@ class _MockServer(_Gate, _ChatEndpoint, _EmbeddingsEndpoint, _FileEndpoints, _Ba
         return (f"Incorrect API key provided: {_mask_key(key)}. You can find your API key at "
                 "https://platform.openai.com/account/api-keys.")
 
+    def note_request(self, request: web.Request) -> None:
+        """Keep what the latest request carried (path, query names, auth scheme, plain headers) for ``/stats``."""
+        self.stats.last_request = _described(request)
+
     async def counted(self, handle: Any, request: web.Request) -> web.StreamResponse:
         """Run a model endpoint's handler with the in-flight counters kept (chat and embeddings)."""
         stats = self.stats
@@ -103,7 +107,7 @@ class _MockServer(_Gate, _ChatEndpoint, _EmbeddingsEndpoint, _FileEndpoints, _Ba
                     now: float) -> tuple[Any, Any, web.Response | None]:
         """The key checked, then the JSON body read and ``parse``d: ``(body, parsed, None)``, or the
         error response to send instead as ``(None, None, response)``."""
-        self.stats.last_request = _described(request)
+        self.note_request(request)
         if request.match_info.get("deployment") is not None and "api-version" not in request.query:
             headers = {**self.limit_headers(now), **self.base_headers(started)}  # Azure's answer without a version
             return None, None, self.error(404, "Resource not found", "invalid_request_error", "404", None, headers)

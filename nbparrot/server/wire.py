@@ -68,6 +68,7 @@ def _guarded(handler: _Handler) -> _Handler:
 
     @functools.wraps(handler)
     async def wrapper(self: Any, request: web.Request) -> web.StreamResponse:
+        self.note_request(request)
         auth_error = self.check_auth(request)
         if auth_error is not None:
             code = "invalid_api_key" if "Incorrect" in auth_error else None
